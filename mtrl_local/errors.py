@@ -1,0 +1,13 @@
+"""User-facing errors: one line naming the file and field, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake in something the user gave us (a task name, a file, a config value).
+
+    The CLI prints ``mtrl: error: <message>`` and exits with code 2. The message names the file
+    and the line or field, so the user can fix it without reading a traceback.
+    """
+
+    exit_code = 2
