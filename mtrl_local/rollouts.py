@@ -47,7 +47,7 @@ def check_rollout(obj: Any) -> str | None:
 
 
 def iter_rollouts(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield validated records; a :class:`UserError` ``"<file>:<line>: …"`` on the first bad line."""
+    """Yield validated records; :class:`UserError` ``"<file>:<line>: …"`` on the first bad line."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such rollouts file")

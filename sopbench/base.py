@@ -63,7 +63,7 @@ class Answer:
 Action = Call | Answer
 Policy = Generator[Action, "str | None", None]
 
-#: Error kinds of the noisy expert (DESIGN.md: skipped step, misread value, wrong tag, early answer).
+#: Error kinds of the noisy expert: skipped step, misread value, wrong tag, early answer.
 NOISE_KINDS = ("skip_step", "misread", "wrong_tag", "early_answer")
 WRONG_TAGS = ("final_answer", "answer", "final")
 
@@ -209,7 +209,7 @@ class Task:
         raise UserError(f"task {self.name}: no case '{case_id}'")
 
     def _generate_all(self) -> list[Case]:
-        # Split by a hash order, not by index, so a split is not a contiguous block of the generator.
+        # Split by hash order, not by index: a split is not a contiguous block of the generator.
         order = sorted(range(self.n_cases), key=lambda i: stable_seed(self.name, "split", i))
         n_train = round(self.n_cases * SPLIT_FRACTIONS["train"])
         n_val = round(self.n_cases * SPLIT_FRACTIONS["val"])
@@ -390,7 +390,7 @@ class ValidationReport:
     """Result of :meth:`Task.validate`."""
 
     task: str
-    split_sizes: dict[str, int]
+    split_sizes: dict[Split, int]
     reference_tsr: float
     reference_turns: int
     max_turns: int

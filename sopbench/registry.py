@@ -29,11 +29,7 @@ def _load_builtins() -> None:
         return
     _loaded = True
     for name in BUILTIN_TASKS:
-        try:
-            importlib.import_module(f"sopbench.{name}")
-        except ModuleNotFoundError as exc:  # TODO(integration): drop once all three tasks exist
-            if exc.name != f"sopbench.{name}":
-                raise
+        importlib.import_module(f"sopbench.{name}")
 
 
 def task_names() -> list[str]:

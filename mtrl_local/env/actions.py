@@ -1,13 +1,15 @@
 """What an assistant turn asks for: tool calls and the final answer, as text.
 
-The model writes ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` blocks and ends the task
-with ``<final_response>{…}</final_response>``. Parsing here never raises: a malformed block becomes a
-:class:`ParsedCall` with ``error`` set, which the episode turns into an error string for the agent.
+The model writes ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` blocks and ends
+the task with ``<final_response>{…}</final_response>``. Parsing here never raises: a malformed
+block becomes a :class:`ParsedCall` with ``error`` set, which the episode turns into an error
+string for the agent.
 Scoring the final answer is not done here (see ``rewards.parsing``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass
@@ -53,10 +55,8 @@ def parse_tool_calls(text: str) -> list[ParsedCall]:
         arguments = obj.get("arguments", {})
         if isinstance(arguments, str):
             # Some models emit arguments as a JSON-encoded string (OpenAI wire format).
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                pass
         calls.append(ParsedCall(name, arguments, None, raw))
     if TOOL_CALL_OPEN in text[end:]:
         # An opened block that never closes: usually the turn hit its token budget.

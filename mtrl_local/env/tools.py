@@ -109,10 +109,7 @@ def _matches(value: Any, schema: JSONDict) -> bool:
         return any(_matches(value, s) for s in schema["anyOf"])
     kind = schema.get("type")
     actual = _json_type_of(value)
-    if kind == "number":
-        ok = actual in ("integer", "number")
-    else:
-        ok = actual == kind
+    ok = actual in ("integer", "number") if kind == "number" else actual == kind
     if ok and "enum" in schema:
         ok = value in schema["enum"]
     if ok and kind == "array" and "items" in schema:

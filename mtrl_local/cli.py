@@ -1,0 +1,189 @@
+"""The ``mtrl`` command line.
+
+``mtrl tasks`` lists the suite, ``mtrl validate`` checks tasks (splits, reference TSR, turn budget),
+``mtrl audit`` runs the pytest-driven reward audits, ``mtrl export`` writes cases or scripted
+rollouts as JSONL. A user mistake (unknown task, malformed file) prints one line naming the file and
+field and exits with code 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from mtrl_local.errors import UserError
+
+logger = logging.getLogger("mtrl")
+
+
+def _cmd_tasks(args: argparse.Namespace, console: Console) -> int:
+    from sopbench import get_task, task_names
+
+    table = Table(title="mtrl-local task suite")
+    table.add_column("task", no_wrap=True)
+    for col in ("title", "cases", "max turns"):
+        table.add_column(col)
+    table.add_column("output fields", overflow="fold")
+    for name in task_names():
+        task = get_task(name)
+        table.add_row(
+            name, task.title, str(task.n_cases), str(task.max_turns), ", ".join(task.output_fields)
+        )
+    console.print(table)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
+    from sopbench import get_task, task_names
+
+    if args.all:
+        names = task_names()
+    elif args.task:
+        names = [args.task]
+    else:
+        raise UserError("validate: name a task or pass --all")
+    if args.cases and len(names) != 1:
+        raise UserError("validate: --cases needs exactly one task")
+    table = Table(title="task validation (reference policy, strict scorer)")
+    table.add_column("task", no_wrap=True)
+    for col in ("train", "val", "test", "ref TSR", "ref turns", "max turns"):
+        table.add_column(col, justify="right")
+    table.add_column("ok")
+    all_ok = True
+    for name in names:
+        task = get_task(name)
+        if args.cases:
+            cases = task.load_cases(args.cases)
+            episodes = [task.run_policy(c) for c in cases]
+            sizes = {s: sum(c.split == s for c in cases) for s in ("train", "val", "test")}
+            tsr = sum(e.strict for e in episodes) / len(episodes)
+            longest = max(e.turns for e in episodes)
+            problems = [] if tsr == 1.0 else [f"reference TSR {tsr:.3f} on {args.cases}"]
+        else:
+            report = task.validate()
+            sizes, tsr, longest = report.split_sizes, report.reference_tsr, report.reference_turns
+            problems = report.problems
+        ok = not problems and tsr == 1.0
+        all_ok &= ok
+        table.add_row(
+            name,
+            str(sizes["train"]),
+            str(sizes["val"]),
+            str(sizes["test"]),
+            f"{tsr:.3f}",
+            str(longest),
+            str(task.max_turns),
+            "yes" if ok else "NO",
+        )
+        for problem in problems:
+            logger.error("%s: %s", name, problem)
+    console.print(table)
+    return 0 if all_ok else 1
+
+
+def _cmd_export(args: argparse.Namespace, console: Console) -> int:
+    from mtrl_local.rollouts import write_rollouts
+    from sopbench import get_task
+
+    task = get_task(args.task)
+    if args.what == "cases":
+        n = task.export_cases(args.out, args.split)
+    else:
+        rate = 0.0 if args.what == "reference" else args.noise_rate
+        episodes = [
+            task.run_policy(c, seed=args.seed, noise_rate=rate) for c in task.cases(args.split)
+        ]
+        n = write_rollouts(args.out, [e.to_rollout() for e in episodes])
+    console.print(f"wrote {n} {args.what} records to {args.out}")
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
+    import pytest
+
+    from mtrl_local.rollouts import read_rollouts
+    from rewards.loading import load_reward
+    from sopbench import get_task
+
+    # Check the inputs here so a mistake is one line, before pytest starts.
+    get_task(args.task)
+    load_reward(args.reward)
+    if args.rollouts:
+        read_rollouts(args.rollouts)
+    pytest_args = [
+        "--pyargs",
+        "rewards.audits",
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        f"--audit-task={args.task}",
+        f"--audit-reward={args.reward}",
+        f"--audit-bound={args.bound}",
+    ]
+    if args.rollouts:
+        pytest_args.append(f"--audit-rollouts={args.rollouts}")
+    return int(pytest.main(pytest_args + list(args.pytest_args)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (also used by the docs and tests)."""
+    parser = argparse.ArgumentParser(prog="mtrl", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("tasks", help="list the bundled tasks")
+
+    p = sub.add_parser("validate", help="check a task: splits, reference TSR, turn budget")
+    p.add_argument("task", nargs="?", help="task name")
+    p.add_argument("--all", action="store_true", help="every registered task")
+    p.add_argument("--cases", help="validate a cases JSONL file instead of the generated cases")
+
+    p = sub.add_parser("export", help="write cases or scripted rollouts as JSONL")
+    p.add_argument("what", choices=("cases", "reference", "noisy"))
+    p.add_argument("task")
+    p.add_argument("--split", choices=("train", "val", "test"), default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise-rate", type=float, default=0.08)
+
+    p = sub.add_parser("audit", help="run the pytest-driven reward audits")
+    p.add_argument("--task", default="aircraft_inspection")
+    p.add_argument("--reward", default="rewards.dense:dense_reward", help="module:function")
+    p.add_argument("--rollouts", default=None, help="rollouts JSONL (default: noisy expert, val)")
+    p.add_argument("--bound", type=float, default=0.02, help="max share of over-credited episodes")
+    p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    return parser
+
+
+COMMANDS = {
+    "tasks": _cmd_tasks,
+    "validate": _cmd_validate,
+    "export": _cmd_export,
+    "audit": _cmd_audit,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mtrl``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    console = Console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except UserError as exc:
+        print(f"mtrl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("mtrl: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
