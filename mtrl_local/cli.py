@@ -40,6 +40,7 @@ def _cmd_tasks(args: argparse.Namespace, console: Console) -> int:
 
 def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
     from sopbench import get_task, task_names
+    from sopbench.base import SPLITS
 
     if args.all:
         names = task_names()
@@ -60,13 +61,14 @@ def _cmd_validate(args: argparse.Namespace, console: Console) -> int:
         if args.cases:
             cases = task.load_cases(args.cases)
             episodes = [task.run_policy(c) for c in cases]
-            sizes = {s: sum(c.split == s for c in cases) for s in ("train", "val", "test")}
+            sizes: dict[str, int] = {s: sum(c.split == s for c in cases) for s in SPLITS}
             tsr = sum(e.strict for e in episodes) / len(episodes)
             longest = max(e.turns for e in episodes)
             problems = [] if tsr == 1.0 else [f"reference TSR {tsr:.3f} on {args.cases}"]
         else:
             report = task.validate()
-            sizes, tsr, longest = report.split_sizes, report.reference_tsr, report.reference_turns
+            sizes = {str(k): v for k, v in report.split_sizes.items()}
+            tsr, longest = report.reference_tsr, report.reference_turns
             problems = report.problems
         ok = not problems and tsr == 1.0
         all_ok &= ok
@@ -121,6 +123,9 @@ def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
         "-p",
         "no:cacheprovider",
         "-q",
+        # The CLI imported these packages to check its inputs; pytest cannot rewrite them now.
+        "-W",
+        "ignore::pytest.PytestAssertRewriteWarning",
         f"--audit-task={args.task}",
         f"--audit-reward={args.reward}",
         f"--audit-bound={args.bound}",

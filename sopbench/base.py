@@ -361,6 +361,8 @@ class Task:
             out.append(
                 Case(self.name, obj["case_id"], obj["split"], obj["inputs"], obj["ground_truth"])
             )
+        if not out:
+            raise UserError(f"{path}: no cases in file")
         return out
 
 

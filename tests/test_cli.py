@@ -116,3 +116,27 @@ def test_export_noisy_rollouts_round_trip(tmp_path: Path) -> None:
     assert len(rows) == 100
     assert {r["task"] for r in rows} == {"customer_service"}
     assert 0 < sum(r["strict"] for r in rows) < 100  # noisy: some fail, most succeed
+
+
+def test_audit_passes_dense_and_fails_lenient_on_a_rollouts_file(tmp_path: Path) -> None:
+    """What `make audit` runs: the shipped reward passes, the lenient example fails loudly."""
+    rollouts = tmp_path / "val.jsonl"
+    proc = mtrl("export", "noisy", "aircraft_inspection", "--split", "val", "--out", str(rollouts))
+    assert proc.returncode == 0, proc.stderr
+    dense = mtrl("audit", "--task", "aircraft_inspection", "--rollouts", str(rollouts))
+    assert dense.returncode == 0, dense.stdout[-3000:]
+    assert "12 passed" in dense.stdout
+    lenient = mtrl(
+        "audit",
+        "--task",
+        "aircraft_inspection",
+        "--reward",
+        "rewards.examples:lenient_reward",
+        "--rollouts",
+        str(rollouts),
+    )
+    assert lenient.returncode == 1
+    assert "test_rollouts_rarely_rewarded_where_strict_is_zero" in lenient.stdout
+    offending = [line for line in lenient.stdout.splitlines() if "strict 0" in line]
+    assert len(offending) >= 3
+    assert all("aircraft_inspection-" in line for line in offending)
