@@ -2,8 +2,10 @@
 
 ``mtrl tasks`` lists the suite, ``mtrl validate`` checks tasks (splits, reference TSR, turn budget),
 ``mtrl audit`` runs the pytest-driven reward audits, ``mtrl export`` writes cases or scripted
-rollouts as JSONL. A user mistake (unknown task, malformed file) prints one line naming the file and
-field and exits with code 2 — never a traceback.
+rollouts as JSONL, ``mtrl eval`` evaluates a model (beside its base) with the strict scorer and
+``mtrl baseline`` puts the base model through that evaluation. A user mistake (unknown task,
+malformed file, missing model) prints one line naming the file and field and exits with code 2 —
+never a traceback.
 """
 
 from __future__ import annotations
@@ -12,11 +14,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from mtrl_local.errors import UserError
+
+if TYPE_CHECKING:
+    from mtrl_local.evaluate import EvalConfig, EvalReport
 
 logger = logging.getLogger("mtrl")
 
@@ -135,6 +142,96 @@ def _cmd_audit(args: argparse.Namespace, console: Console) -> int:
     return int(pytest.main(pytest_args + list(args.pytest_args)))
 
 
+def _eval_config(args: argparse.Namespace, **overrides: object) -> EvalConfig:
+    """The :class:`EvalConfig` of ``mtrl eval`` / ``mtrl baseline`` arguments."""
+    from mtrl_local.evaluate import EvalConfig
+
+    values: dict[str, object] = {
+        "task": args.task,
+        "split": args.split,
+        "n_samples": args.n,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "sampling_max_tokens": args.max_tokens,
+        "max_turns": args.max_turns,
+        "seed": args.seed,
+        "reward": args.reward,
+        "max_batch": args.max_batch,
+        "max_cases": args.max_cases,
+        "device": args.device,
+    }
+    values.update(overrides)
+    return EvalConfig(**values)  # type: ignore[arg-type]
+
+
+def _check_eval_inputs(args: argparse.Namespace, *models: str | None) -> None:
+    """Fail in one line on a bad task, model path or reward, before any model is loaded."""
+    from mtrl_local.evaluate import check_model_path
+    from rewards.loading import load_reward
+    from sopbench import get_task
+
+    for model in models:
+        if model is not None:
+            check_model_path(model)
+    get_task(args.task)
+    load_reward(args.reward)
+
+
+def _print_outputs(console: Console, reports: Sequence[EvalReport], out: Path) -> None:
+    from mtrl_local.evaluate import REPORT_FILE
+
+    for report in reports:
+        for result in report.results:
+            if result.rollouts:
+                console.print(f"rollouts ({result.label}): {result.rollouts}")
+    for path in sorted(out.rglob(REPORT_FILE)):
+        console.print(f"report: {path}")
+
+
+def _cmd_eval(args: argparse.Namespace, console: Console) -> int:
+    from mtrl_local.evaluate import default_out_dir, evaluate, format_table
+
+    _check_eval_inputs(args, args.model, args.base_model)
+    config = _eval_config(args, base_model=args.base_model)
+    out = Path(args.out) if args.out else default_out_dir(args.task)
+    report = evaluate(args.model, config, out_dir=out, progress=True)
+    console.print(format_table(report))
+    _print_outputs(console, [report], out)
+    return 0
+
+
+def _cmd_baseline(args: argparse.Namespace, console: Console) -> int:
+    from mtrl_local.evaluate import default_out_dir, evaluate, format_table, load_policy
+
+    _check_eval_inputs(args, args.model)
+    out = Path(args.out) if args.out else default_out_dir(args.task)
+    greedy = _eval_config(args, n_samples=1, temperature=0.0)
+    sampled = _eval_config(args, temperature=args.sample_temperature) if args.n > 1 else None
+    policy = load_policy(args.model, greedy)  # loaded once for both passes
+    reports = [evaluate(policy, greedy, out_dir=out, label="base greedy", progress=True)]
+    if sampled is not None:
+        label = f"base T={args.sample_temperature:g} n={args.n}"
+        reports.append(
+            evaluate(policy, sampled, out_dir=out / "sampled", label=label, progress=True)
+        )
+    console.print(format_table(reports, title=f"baseline: {args.task} ({args.split} split)"))
+    _print_outputs(console, reports, out)
+    best = max(
+        max(r.summary["tsr"], r.summary["pass_at_1"]) for rep in reports for r in rep.results
+    )
+    best_n = max(r.summary.get(f"pass_at_{args.n}", 0.0) for rep in reports for r in rep.results)
+    if best == 0.0 and best_n == 0.0:
+        console.print(
+            "[bold yellow]the base model scores zero: simplify the task or teach the format "
+            "first; RL amplifies what the model can already do (DESIGN.md §1.4)[/]"
+        )
+    console.print(
+        f"next: validate the reward on these outputs: mtrl audit --task {args.task} "
+        f"--rollouts {out / 'rollouts.jsonl'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs and tests)."""
     parser = argparse.ArgumentParser(prog="mtrl", description=__doc__.splitlines()[0])
@@ -162,7 +259,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", default=None, help="rollouts JSONL (default: noisy expert, val)")
     p.add_argument("--bound", type=float, default=0.02, help="max share of over-credited episodes")
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+
+    p = sub.add_parser("eval", help="evaluate a model on a split with the strict scorer")
+    _add_eval_args(p, model_default=None)
+    p.add_argument("--base-model", default=None, help="also evaluate this base (dir or 'default')")
+    p.add_argument("--n", type=int, default=1, help="samples per case (pass@1 and pass@n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+
+    p = sub.add_parser(
+        "baseline", help="the base model through the evaluation (greedy [+ sampled])"
+    )
+    _add_eval_args(p, model_default="default")
+    p.add_argument("--n", type=int, default=1, help="> 1: a second, sampled pass with n per case")
+    p.add_argument("--sample-temperature", type=float, default=1.0, help="of the sampled pass")
+    p.set_defaults(temperature=0.0)
     return parser
+
+
+def _add_eval_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+    """The options ``mtrl eval`` and ``mtrl baseline`` share."""
+    p.add_argument("--task", required=True, help="task name (see mtrl tasks)")
+    if model_default is None:
+        p.add_argument("--model", required=True, help="model directory, or 'default'")
+    else:
+        p.add_argument("--model", default=model_default, help="model directory, or 'default'")
+    p.add_argument("--split", choices=("train", "val", "test"), default="test")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512, help="per-turn token budget")
+    p.add_argument("--max-turns", type=int, default=None, help="default: the task's")
+    p.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
+    p.add_argument("--max-batch", type=int, default=64, help="episodes generated together")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default="rewards.dense:dense_reward", help="module:function")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
+    p.add_argument("--out", default=None, help="output dir (default runs/eval-<task>-<time>)")
 
 
 COMMANDS = {
@@ -170,6 +300,8 @@ COMMANDS = {
     "validate": _cmd_validate,
     "export": _cmd_export,
     "audit": _cmd_audit,
+    "eval": _cmd_eval,
+    "baseline": _cmd_baseline,
 }
 
 
