@@ -114,10 +114,10 @@ class MultiTurnRLConfig:
     """Policy loss (DESIGN.md §6)."""
     loss_aggregation: Aggregation = "token_mean"
     """How token losses are averaged."""
-    epsilon: float = 0.2
-    """Lower clip range ε_low (ratio ≥ 1 − ε)."""
+    epsilon: float | None = None
+    """Lower clip range ε_low (ratio ≥ 1 − ε); ``None`` → the loss's default (ppo 0.2, cispo 1)."""
     epsilon_high: float | None = None
-    """Upper clip range ε_high; ``None`` → ``epsilon``."""
+    """Upper clip range ε_high; ``None`` → the loss's default (ppo 0.2, cispo 6.0)."""
     is_cap: float = 2.0
     """Cap of the ratio in the ``is`` loss."""
     tis_cap: float | None = 2.0
@@ -166,11 +166,15 @@ class MultiTurnRLConfig:
 
     @property
     def epsilon_low(self) -> float:
-        return self.epsilon
+        """ε_low actually used: the field, or the loss's recipe default (DESIGN.md §6)."""
+        return LOSS_EPSILONS[self.loss_type][0] if self.epsilon is None else self.epsilon
 
     @property
     def resolved_epsilon_high(self) -> float:
-        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+        """ε_high actually used: the field, or the loss's recipe default (DESIGN.md §6)."""
+        if self.epsilon_high is not None:
+            return self.epsilon_high
+        return LOSS_EPSILONS[self.loss_type][1]
 
     @property
     def prompts_per_step(self) -> int:
@@ -179,6 +183,13 @@ class MultiTurnRLConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+#: Recipe defaults (ε_low, ε_high) per loss: PPO's ratio in 0.8–1.2; CISPO wide and asymmetric.
+LOSS_EPSILONS: dict[str, tuple[float, float]] = {
+    "ppo": (0.2, 0.2),
+    "cispo": (1.0, 6.0),
+    "is": (0.2, 0.2),
+}
 
 #: Accepted spellings → canonical field (TRL vs DESIGN names).
 ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batch_size"}

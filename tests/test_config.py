@@ -64,3 +64,11 @@ def test_bad_recipe_files_name_the_file(tmp_path: Path) -> None:
         load_config(typo)
     with pytest.raises(UserError, match="no such recipe"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_clip_ranges_default_per_loss() -> None:
+    assert (load_config().epsilon_low, load_config().resolved_epsilon_high) == (0.2, 0.2)
+    cispo = load_config(None, {"loss_type": "cispo"})
+    assert (cispo.epsilon_low, cispo.resolved_epsilon_high) == (1.0, 6.0)
+    ppo = load_config(None, {"epsilon": "0.1"})
+    assert (ppo.epsilon_low, ppo.resolved_epsilon_high) == (0.1, 0.2)
