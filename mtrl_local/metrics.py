@@ -1,0 +1,187 @@
+"""Metric names (DESIGN.md §9) and the rollout-side metrics computed from trajectories.
+
+Every name the trainer logs is a constant here, so the trainer, the run store, MLflow, the
+diagnostics and the dashboard agree on one spelling. :func:`rollout_metrics` turns one step's
+trajectories into the ``rollout/*`` and ``analysis/*`` values; it is pure (no I/O, no torch).
+
+Conventions, chosen so a step's numbers mean the same thing whatever happened in it:
+
+* Trajectories whose environment failed (``failed``) are excluded from training, so every metric
+  except ``rollout/failure_rate`` is computed over the others.
+* A per-turn reward list counts as its sum (the trajectory's return, as in ``rewards.types``).
+* A metric with no population (no scored trajectory, no model turn, every group with zero
+  advantage) is *absent* from the returned dict rather than 0 or NaN: a 0 would read as a real
+  value on a chart and trip the diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Iterable, Sequence
+
+from mtrl_local.trajectory import Trajectory
+from rewards.types import scalar
+
+# -- rollout (training side) -----------------------------------------------------------------------
+REWARD_MEAN = "rollout/reward/mean"
+REWARD_STD = "rollout/reward/std"
+REWARD_ZERO_FRAC = "rollout/reward/zero_frac"
+REWARD_VALID_MEAN = "rollout/reward/valid_mean"
+TURNS_MEAN = "rollout/turns/mean"
+TURNS_MAX_TURNS_FRAC = "rollout/turns/max_turns_frac"
+TOKENS_RESPONSE_MEAN = "rollout/tokens/response_mean"
+TOKENS_RESPONSE_MAX = "rollout/tokens/response_max"
+TRUNCATED_FRAC = "rollout/truncated_frac"
+COMPLETION_RATE = "rollout/completion_rate"
+FAILURE_RATE = "rollout/failure_rate"
+TOOL_CALLS_MEAN = "rollout/tool_calls/mean"
+TOOL_ERRORS_FRAC = "rollout/tool_errors_frac"
+# -- analysis --------------------------------------------------------------------------------------
+ZERO_ADV_GROUPS = "analysis/zero_adv_groups"
+# -- optimiser -------------------------------------------------------------------------------------
+TRAIN_LOSS = "train/loss"
+TRAIN_CLIP_FRAC = "train/clip_frac"
+TRAIN_IS_RATIO_MEAN = "train/is_ratio_mean"
+TRAIN_KL = "train/kl"
+TRAIN_ENTROPY = "train/entropy"
+TRAIN_GRAD_NORM = "train/grad_norm"
+TRAIN_LR = "train/lr"
+# -- speed -----------------------------------------------------------------------------------------
+PERF_STEP_S = "perf/step_s"
+PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"
+PERF_TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"
+PERF_STALENESS_MEAN = "perf/staleness_mean"
+# -- held-out evaluation ---------------------------------------------------------------------------
+VAL_REWARD_MEAN = "val/reward/mean"
+VAL_REWARD_PASS_K_1 = "val/reward/pass_k_1"
+VAL_REWARD_PASS_K_8 = "val/reward/pass_k_8"
+VAL_COMPLETION_RATE = "val/completion_rate"
+VAL_FIELD_ACC = "val/field_acc"
+VAL_TSR = "val/tsr"
+
+ROLLOUT_METRICS: tuple[str, ...] = (
+    REWARD_MEAN,
+    REWARD_STD,
+    REWARD_ZERO_FRAC,
+    REWARD_VALID_MEAN,
+    TURNS_MEAN,
+    TURNS_MAX_TURNS_FRAC,
+    TOKENS_RESPONSE_MEAN,
+    TOKENS_RESPONSE_MAX,
+    TRUNCATED_FRAC,
+    COMPLETION_RATE,
+    FAILURE_RATE,
+    TOOL_CALLS_MEAN,
+    TOOL_ERRORS_FRAC,
+    ZERO_ADV_GROUPS,
+)
+TRAIN_METRICS: tuple[str, ...] = (
+    TRAIN_LOSS,
+    TRAIN_CLIP_FRAC,
+    TRAIN_IS_RATIO_MEAN,
+    TRAIN_KL,
+    TRAIN_ENTROPY,
+    TRAIN_GRAD_NORM,
+    TRAIN_LR,
+)
+PERF_METRICS: tuple[str, ...] = (
+    PERF_STEP_S,
+    PERF_ROLLOUT_TOKENS_PER_S,
+    PERF_TRAIN_TOKENS_PER_S,
+    PERF_STALENESS_MEAN,
+)
+VAL_METRICS: tuple[str, ...] = (
+    VAL_REWARD_MEAN,
+    VAL_REWARD_PASS_K_1,
+    VAL_REWARD_PASS_K_8,
+    VAL_COMPLETION_RATE,
+    VAL_FIELD_ACC,
+    VAL_TSR,
+)
+#: Every DESIGN.md §9 name, in the table's order. ``evaluate.val_metrics`` may add more ``val/*``
+#: names (``val/strict/pass_k_<k>``, other k); the store and MLflow accept any name.
+ALL_METRICS: tuple[str, ...] = ROLLOUT_METRICS + TRAIN_METRICS + PERF_METRICS + VAL_METRICS
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def trajectory_reward(traj: Trajectory) -> float | None:
+    """The scalar return of a trajectory (a per-turn list summed), ``None`` if unscored."""
+    return None if traj.reward is None else scalar(traj.reward)
+
+
+def zero_advantage_groups(trajectories: Iterable[Trajectory], tol: float = 1e-9) -> set[str]:
+    """Groups whose scored, non-failed rollouts all have the same reward (within ``tol``).
+
+    This is the zero-advantage condition of ``group_based``, ``rloo`` and
+    ``group_based_per_turn`` (its baseline is the group's return at turn 0). ``grpo_passk`` zeroes
+    a group on a different condition (all succeed or all fail at ``success_threshold``): the
+    trainer should pass the estimator's own set to :func:`rollout_metrics` instead.
+    """
+    by_group: dict[str, list[float]] = {}
+    for t in trajectories:
+        r = trajectory_reward(t)
+        if not t.failed and r is not None:
+            by_group.setdefault(t.group_id, []).append(r)
+    return {g for g, rs in by_group.items() if max(rs) - min(rs) <= tol}
+
+
+def rollout_metrics(
+    trajectories: Sequence[Trajectory],
+    zero_adv_groups: Collection[str] | None = None,
+    group_ids: Collection[str] | None = None,
+) -> dict[str, float]:
+    """One step's ``rollout/*`` metrics and ``analysis/zero_adv_groups`` (DESIGN.md §9).
+
+    Args:
+        trajectories: every rollout the step produced, failed ones included (they are what
+            ``rollout/failure_rate`` counts).
+        zero_adv_groups: ids of the groups whose advantages are all zero, as the advantage
+            estimator decided; ``None`` computes them with :func:`zero_advantage_groups`.
+        group_ids: the groups of the batch (the denominator of ``analysis/zero_adv_groups``);
+            ``None`` takes the ``group_id`` of the non-failed trajectories.
+
+    ``rollout/reward/valid_mean`` averages the rewards of the groups that are *not* in
+    ``zero_adv_groups``: the part of the batch that carries gradient. ``rollout/tool_errors_frac``
+    is per tool call (errors / calls), ``rollout/tokens/*`` per model turn.
+    """
+    n = len(trajectories)
+    out: dict[str, float] = {}
+    if n == 0:
+        return out
+    ok = [t for t in trajectories if not t.failed]
+    out[FAILURE_RATE] = (n - len(ok)) / n
+    if not ok:
+        return out
+
+    scored = [(t, r) for t in ok if (r := trajectory_reward(t)) is not None]
+    if scored:
+        rewards = [r for _, r in scored]
+        mean = _mean(rewards)
+        out[REWARD_MEAN] = mean
+        out[REWARD_STD] = math.sqrt(_mean([(r - mean) ** 2 for r in rewards]))
+        out[REWARD_ZERO_FRAC] = _mean([float(r == 0.0) for r in rewards])
+
+    zero = set(zero_advantage_groups(ok) if zero_adv_groups is None else zero_adv_groups)
+    groups = set(group_ids) if group_ids is not None else {t.group_id for t in ok}
+    if groups:
+        out[ZERO_ADV_GROUPS] = len(groups & zero) / len(groups)
+    valid = [r for t, r in scored if t.group_id not in zero]
+    if valid:
+        out[REWARD_VALID_MEAN] = _mean(valid)
+
+    out[TURNS_MEAN] = _mean([float(t.n_turns) for t in ok])
+    out[TURNS_MAX_TURNS_FRAC] = _mean([float(t.done_reason == "max_turns") for t in ok])
+    tokens = [float(s.n_tokens) for t in ok for s in t.turns]
+    if tokens:
+        out[TOKENS_RESPONSE_MEAN] = _mean(tokens)
+        out[TOKENS_RESPONSE_MAX] = max(tokens)
+    out[TRUNCATED_FRAC] = _mean([float(t.truncated) for t in ok])
+    out[COMPLETION_RATE] = _mean([float(t.completed) for t in ok])
+    out[TOOL_CALLS_MEAN] = _mean([float(t.tool_calls) for t in ok])
+    calls = sum(t.tool_calls for t in ok)
+    if calls:
+        out[TOOL_ERRORS_FRAC] = sum(t.tool_errors for t in ok) / calls
+    return out
