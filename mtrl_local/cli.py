@@ -232,6 +232,56 @@ def _cmd_baseline(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from mtrl_local.config import load_config, parse_overrides
+    from mtrl_local.evaluate import EvalReport, format_table
+    from mtrl_local.train.pipeline import run_pipeline
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("task", "model", "max_steps", "run_name", "output_dir"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    run_dir = None
+    recipe = args.recipe
+    if args.resume:
+        run_dir = Path(args.resume)
+        saved = run_dir / "config.json"
+        if not saved.is_file():
+            raise UserError(f"{args.resume}: not a run directory (no config.json)")
+        # The run's own config, then whatever the command line changes (e.g. more max_steps).
+        base = json.loads(saved.read_text())
+        base.update(overrides)
+        overrides, recipe = base, None
+    cfg = load_config(recipe, overrides)
+    report = run_pipeline(
+        cfg,
+        run_dir=run_dir,
+        resume=bool(args.resume),
+        baseline=not args.no_baseline,
+        final_eval=not args.no_final_eval,
+    )
+    eval_file = Path(report["run_dir"]) / "eval_test.json"
+    if eval_file.is_file():
+        console.print(format_table(EvalReport.load(eval_file), title=f"{cfg.task}: test split"))
+    console.print(f"run directory: {report['run_dir']}")
+    console.print(f"final model:   {report['final_model']}")
+    return 0
+
+
+def _cmd_dash(args: argparse.Namespace, console: Console) -> int:
+    from tui.data import resolve_run_dir
+
+    # Checked here so a missing run or another schema version is one line, before the app starts.
+    run_dir = resolve_run_dir(args.run, root=args.runs)
+    from tui.app import Dashboard
+
+    Dashboard(run_dir, poll_s=args.interval).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs and tests)."""
     parser = argparse.ArgumentParser(prog="mtrl", description=__doc__.splitlines()[0])
@@ -273,6 +323,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=1, help="> 1: a second, sampled pass with n per case")
     p.add_argument("--sample-temperature", type=float, default=1.0, help="of the sampled pass")
     p.set_defaults(temperature=0.0)
+
+    p = sub.add_parser(
+        "train",
+        help="baseline on test → RL training → final test evaluation beside the base",
+        description="Overrides are KEY=VALUE pairs of MultiTurnRLConfig fields "
+        "(e.g. loss_type=cispo async_config.max_steps_off_policy=1); they win over the recipe.",
+    )
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE config overrides")
+    p.add_argument("--recipe", default=None, help="recipes/*.toml")
+    p.add_argument("--resume", default=None, metavar="RUN", help="continue this run directory")
+    p.add_argument("--task", default=None)
+    p.add_argument("--model", default=None, help="'default' or a local HF model directory")
+    p.add_argument("--max-steps", dest="max_steps", default=None)
+    p.add_argument("--run-name", dest="run_name", default=None)
+    p.add_argument("--output-dir", dest="output_dir", default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the base model on test")
+    p.add_argument("--no-final-eval", action="store_true", help="skip the final test evaluation")
+
+    p = sub.add_parser("dash", help="the terminal dashboard over a run store (live or finished)")
+    p.add_argument("run", nargs="?", default=None, help="run directory (default: newest in --runs)")
+    p.add_argument("--runs", default="runs", help="where to look for the newest run")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between reads")
     return parser
 
 
@@ -296,12 +368,14 @@ def _add_eval_args(p: argparse.ArgumentParser, model_default: str | None) -> Non
 
 
 COMMANDS = {
+    "train": _cmd_train,
     "tasks": _cmd_tasks,
     "validate": _cmd_validate,
     "export": _cmd_export,
     "audit": _cmd_audit,
     "eval": _cmd_eval,
     "baseline": _cmd_baseline,
+    "dash": _cmd_dash,
 }
 
 

@@ -307,10 +307,32 @@ def check_valid_mean_low(
     )
 
 
+def check_reward_over_strict(
+    history: History, *, limit: float = 0.02, recent: int = 3
+) -> Finding | None:
+    """More than ``limit`` (2 %) of recent rollouts got a success-level reward while the strict
+    scorer gave 0 (mean of the last ``recent`` points of ``rollout/reward/over_strict_frac``):
+    the reward is more lenient than the evaluation — a reward hack in progress, visible from the
+    first step, before any trend could show it."""
+    value = _recent(history, M.REWARD_OVER_STRICT_FRAC, recent)
+    if value is None or value[0] <= limit + _EPS:
+        return None
+    return Finding(
+        "reward_hacking_audit",
+        "error",
+        value[1],
+        f"{value[0]:.1%} of rollouts are rewarded as successes that the strict scorer rejects",
+        {"over_strict_frac": value[0]},
+        "reward hacking: tighten the reward parser (make audit ROLLOUTS=… shows the episodes)",
+        "reward audit on new rollouts",
+    )
+
+
 CHECKS: tuple[Callable[[History], Finding | None], ...] = (
     check_reward_flat_from_start,
     check_all_groups_same,
     check_reward_hacking,
+    check_reward_over_strict,
     check_reward_collapse,
     check_stall,
     check_truncation,

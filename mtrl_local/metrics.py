@@ -32,6 +32,9 @@ TURNS_MAX_TURNS_FRAC = "rollout/turns/max_turns_frac"
 TOKENS_RESPONSE_MEAN = "rollout/tokens/response_mean"
 TOKENS_RESPONSE_MAX = "rollout/tokens/response_max"
 TRUNCATED_FRAC = "rollout/truncated_frac"
+#: Share of rollouts the reward calls a success (≥ success_threshold) while strict scores 0: the
+#: reward audit, run live on every step's rollouts (not one of DESIGN.md §9's names; an addition).
+REWARD_OVER_STRICT_FRAC = "rollout/reward/over_strict_frac"
 COMPLETION_RATE = "rollout/completion_rate"
 FAILURE_RATE = "rollout/failure_rate"
 TOOL_CALLS_MEAN = "rollout/tool_calls/mean"
@@ -185,3 +188,24 @@ def rollout_metrics(
     if calls:
         out[TOOL_ERRORS_FRAC] = sum(t.tool_errors for t in ok) / calls
     return out
+
+
+def reward_over_strict_frac(
+    trajectories: Sequence[Trajectory], success_threshold: float = 1.0
+) -> float | None:
+    """Share of (non-failed) trajectories with reward ≥ ``success_threshold`` and strict 0.
+
+    The rollouts audit of ``rewards.audit`` applied to training rollouts: a reward that pays for
+    what the evaluation rejects is a reward hack, whatever the trends say.
+    """
+    scored = [
+        t for t in trajectories if not t.failed and t.reward is not None and t.strict is not None
+    ]
+    if not scored:
+        return None
+    over = sum(
+        1
+        for t in scored
+        if (trajectory_reward(t) or 0.0) >= success_threshold and (t.strict or 0.0) == 0.0
+    )
+    return over / len(scored)

@@ -1,0 +1,1 @@
+"""Training: batching by sequence extension, checkpoints, the policy, rollout sources, the loop."""
