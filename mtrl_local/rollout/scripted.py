@@ -47,6 +47,9 @@ class ScriptedBackend:
         self.contexts: dict[str, list[list[int]]] = defaultdict(list)
         self.returned: dict[str, list[list[int]]] = defaultdict(list)
         self.released: list[str] = []
+        #: Index into ``returned[key]`` where the key's current episode began: a released key
+        #: that comes back (the same case in a later step) starts a new episode at turn 0.
+        self._episode_start: dict[str, int] = defaultdict(int)
 
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams
@@ -58,8 +61,9 @@ class ScriptedBackend:
         out = []
         for r in requests:
             context = list(r.context_ids)
-            self._check_prefix(r.key, context)
-            turn = len(self.returned[r.key])
+            turn = len(self.returned[r.key]) - self._episode_start[r.key]
+            if turn > 0:
+                self._check_prefix(r.key, context)
             ids = list(self._turn(r.key, turn, context))
             budget = min(params.max_tokens, r.max_tokens or params.max_tokens)
             if len(ids) > budget:
@@ -76,6 +80,7 @@ class ScriptedBackend:
 
     def release(self, key: str) -> None:
         self.released.append(key)
+        self._episode_start[key] = len(self.returned[key])
 
     def load_state_dict(self, state: Mapping[str, Any], version: int) -> None:
         self.policy_version = version
@@ -89,8 +94,6 @@ class ScriptedBackend:
         return turns[turn]
 
     def _check_prefix(self, key: str, context: list[int]) -> None:
-        if not self.contexts[key]:
-            return
         expected = self.contexts[key][-1] + self.returned[key][-1]
         if context[: len(expected)] != expected:
             raise ValueError(f"episode {key}: context does not extend the last context + ids")

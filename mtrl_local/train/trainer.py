@@ -235,7 +235,10 @@ class Trainer:
         lr = float(self.scheduler.get_last_lr()[0])
         metrics: dict[str, float] = {"train/lr": lr, "train/sequences": float(len(examples))}
         if not examples:
-            # Every group scored the same: nothing to learn from; the step still counts.
+            # Every group scored the same: nothing to learn from; the step still counts (an
+            # optimizer step with no gradients changes nothing and keeps the schedule in order).
+            self.optimizer.zero_grad(set_to_none=True)
+            self.optimizer.step()
             self.scheduler.step()
             metrics.update({"train/loss": 0.0, "train/grad_norm": 0.0, "train/tokens": 0.0})
             return metrics

@@ -1,0 +1,221 @@
+"""The RL trainer end to end on a tiny model: every loss and advantage method updates the
+parameters, metrics reach the run store and MLflow, a lenient reward raises the alarm, and a run
+killed with SIGKILL resumes without losing or duplicating trajectories."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mtrl_local.config import load_config
+from mtrl_local.metrics import ALL_METRICS
+from mtrl_local.store import RunStore
+from mtrl_local.train.trainer import Trainer
+from tests.trainer_fixtures import build_tiny_model, noisy_expert_backend
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def small_config(model: Path, out: Path, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "model": str(model),
+        "output_dir": str(out),
+        "run_name": "run",
+        "max_steps": 2,
+        "num_generations": 4,
+        "per_device_train_batch_size": 8,
+        "sampling_max_tokens": 256,
+        "eval_steps": 0,
+        "save_steps": 1,
+        "mlflow": False,
+        "learning_rate": 1e-2,
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def scripted_trainer(cfg: Any) -> Trainer:
+    from mtrl_local.models.default import load_model
+
+    _, tokenizer = load_model(cfg.model)
+    backend = noisy_expert_backend(tokenizer, cfg.task)
+    return Trainer(cfg, progress=False, rollout_backend=backend)
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "advantage_method", "reward"),
+    [
+        ("ppo", "group_based", "rewards.dense:dense_reward"),
+        ("cispo", "group_based", "rewards.dense:dense_reward"),
+        ("is", "group_based", "rewards.dense:dense_reward"),
+        ("ppo", "rloo", "rewards.dense:dense_reward"),
+        ("ppo", "grpo_passk", "rewards.dense:dense_reward"),
+        ("ppo", "group_based_per_turn", "rewards.dense:dense_reward_per_turn"),
+    ],
+)
+def test_each_loss_and_advantage_updates_the_policy(
+    tiny_model: Path, tmp_path: Path, loss_type: str, advantage_method: str, reward: str
+) -> None:
+    cfg = small_config(
+        tiny_model,
+        tmp_path,
+        loss_type=loss_type,
+        advantage_method=advantage_method,
+        reward=reward,
+        pass_k=2,
+        success_threshold=0.99,
+    )
+    trainer = scripted_trainer(cfg)
+    before = params_of(trainer.model)
+    state = trainer.train()
+    after = params_of(trainer.model)
+    assert state.step == 2
+    assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
+    latest = trainer.store.latest_metrics()
+    assert torch.isfinite(torch.tensor(latest["train/loss"]))
+    assert latest["train/sequences"] > 0
+    assert 0.0 <= latest["analysis/zero_adv_groups"] < 1.0
+    rows = trainer.store.trajectories()
+    assert len(rows) == 2 * 8
+    assert {r.step for r in rows} == {1, 2}
+    trainer.close()
+
+
+def test_lora_updates_only_the_adapter(tiny_model: Path, tmp_path: Path) -> None:
+    cfg = small_config(tiny_model, tmp_path, lora_rank=4, lora_alpha=8, max_steps=1)
+    trainer = scripted_trainer(cfg)
+    names = {k for k, v in trainer.model.named_parameters() if v.requires_grad}
+    assert names and all("lora_" in k for k in names)
+    before = params_of(trainer.model)
+    trainer.train()
+    after = params_of(trainer.model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    exported = trainer.export()
+    assert (exported / "model.safetensors").is_file()
+    assert not (exported / "adapter_config.json").exists()  # merged: a plain HF directory
+    trainer.close()
+
+
+def test_lenient_reward_raises_the_reward_hacking_alarm(tiny_model: Path, tmp_path: Path) -> None:
+    lenient = scripted_trainer(
+        small_config(tiny_model, tmp_path / "a", reward="rewards.examples:lenient_reward")
+    )
+    lenient.train()
+    codes = {d.code for d in lenient.store.diagnostics()}
+    assert "reward_hacking_audit" in codes
+    assert lenient.store.latest_metrics()["rollout/reward/over_strict_frac"] > 0.02
+    lenient.close()
+    dense = scripted_trainer(small_config(tiny_model, tmp_path / "b"))
+    dense.train()
+    assert "reward_hacking_audit" not in {d.code for d in dense.store.diagnostics()}
+    assert dense.store.latest_metrics()["rollout/reward/over_strict_frac"] == 0.0
+    dense.close()
+
+
+def test_every_design_metric_reaches_store_and_mlflow(tiny_model: Path, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    cfg = small_config(
+        tiny_model,
+        tmp_path,
+        mlflow=True,
+        eval_steps=2,
+        eval_cases=2,
+        val_sampling_params={"temperature": 1.0, "n_samples": 8, "sampling_max_tokens": 16},
+    )
+    trainer = scripted_trainer(cfg)
+    trainer.train()
+    stored = set(trainer.store.metric_names())
+    assert set(ALL_METRICS) - stored == set()
+    trainer.tracker.flush()
+    run_id = trainer.tracker.run_id
+    assert run_id is not None
+    logged = set(MlflowClient(trainer.tracker.tracking_uri).get_run(run_id).data.metrics)
+    assert set(ALL_METRICS) - logged == set()
+    trainer.close()
+
+
+def _rows(db: Path) -> list[tuple[int, str, int]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT step, group_id, sample_index FROM trajectories WHERE label = ''"
+        ).fetchall()
+
+
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "mtrl_local.cli",
+        "train",
+        "--model",
+        str(tiny_model),
+        "--output-dir",
+        str(tmp_path),
+        "--run-name",
+        "killed",
+        "--no-baseline",
+        "--no-final-eval",
+        "max_steps=6",
+        "num_generations=2",
+        "batch_size=4",
+        "sampling_max_tokens=48",
+        "eval_steps=0",
+        "save_steps=1",
+        "mlflow=false",
+    ]
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if (run_dir / "run.sqlite").exists() and len({r[0] for r in _rows(run_dir / "run.sqlite")}) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
+            time.sleep(0.05)
+        else:
+            pytest.fail("training never reached step 2")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-step: the next step is already generating
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    before = _rows(run_dir / "run.sqlite")
+    steps_before = {r[0] for r in before}
+
+    resumed = subprocess.run(
+        [*args[:4], "--resume", str(run_dir), "max_steps=6"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _rows(run_dir / "run.sqlite")
+    assert len(rows) == len(set(rows)), "duplicated trajectory rows"
+    assert sorted({r[0] for r in rows}) == [1, 2, 3, 4, 5, 6]
+    assert len(rows) == 6 * 4
+    assert set(before) <= set(rows), "a stored trajectory was lost"
+    assert steps_before <= {1, 2, 3, 4, 5, 6}
+    with RunStore.open(run_dir, readonly=True) as store:
+        assert store.steps()[-1] == 6
+        assert store.run().status == "finished"
+    assert (run_dir / "checkpoints" / "step-000006").is_dir()

@@ -1,0 +1,67 @@
+"""Shared pieces of the trainer tests: a tiny model directory and a noisy-expert sampler.
+
+The tiny model is random, so its own rollouts all score the same and carry no gradient. To test
+the update path with real reward variance, :func:`noisy_expert_backend` replays the suite's noisy
+expert through the rollout engine as a :class:`ScriptedBackend` — the engine, environments,
+rewards, advantages and losses are all real; only the sampler is scripted (its logprobs are a
+constant, which the truncated IS weight handles like any off-policy gap).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from mtrl_local.chat import encode_assistant
+from mtrl_local.models.tokenizer import train_tokenizer
+from mtrl_local.rollout.scripted import ScriptedBackend
+from sopbench import get_task
+
+
+def build_tiny_model(path: Path, task_name: str = "aircraft_inspection") -> Path:
+    """A 1-layer, hidden-32 Qwen3 with a tokenizer trained on the task's own text."""
+    task = get_task(task_name)
+    texts = [task.sop]
+    for case in task.cases("train")[:30]:
+        texts += [m["content"] for m in task.run_policy(case, noise_rate=0.2).messages]
+    tokenizer = train_tokenizer(texts, vocab_size=600)
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    Qwen3ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def noisy_expert_backend(tokenizer: Any, task_name: str, noise_rate: float = 0.3) -> ScriptedBackend:
+    """Replays the noisy expert of ``task_name``: sample ``s`` of a case uses noise seed ``s``."""
+    task = get_task(task_name)
+    cache: dict[str, list[list[int]]] = {}
+
+    def script(key: str, turn: int, context: list[int]) -> list[int]:
+        if key not in cache:
+            case_id, _, sample = key.partition("#")
+            episode = task.run_policy(
+                task.case(case_id), noise_rate=noise_rate, noise_seed=int(sample.split("~")[0])
+            )
+            cache[key] = [
+                encode_assistant(tokenizer, m["content"])
+                for m in episode.messages
+                if m["role"] == "assistant"
+            ]
+        turns = cache[key]
+        return turns[turn] if turn < len(turns) else [tokenizer.eos_token_id]
+
+    return ScriptedBackend(script, tokenizer.eos_token_id, logprob=-1.0)
