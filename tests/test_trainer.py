@@ -187,7 +187,9 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if (run_dir / "run.sqlite").exists() and len({r[0] for r in _rows(run_dir / "run.sqlite")}) >= 2:
+            if (run_dir / "run.sqlite").exists() and len(
+                {r[0] for r in _rows(run_dir / "run.sqlite")}
+            ) >= 2:
                 break
             if proc.poll() is not None:
                 pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
@@ -219,3 +221,54 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
         assert store.steps()[-1] == 6
         assert store.run().status == "finished"
     assert (run_dir / "checkpoints" / "step-000006").is_dir()
+
+
+def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path: Path) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo) = one process on the whole batch."""
+    script = str(Path(__file__).with_name("ddp_step.py"))
+    single, double = tmp_path / "single.pt", tmp_path / "double.pt"
+    one = subprocess.run(
+        [sys.executable, script, str(tiny_model), str(single)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    two = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--cpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            script,
+            str(tiny_model),
+            str(double),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(single, weights_only=False)
+    b = torch.load(double, weights_only=False)
+    assert a["metrics"]["train/sequences"] == b["metrics"]["train/sequences"] > 0
+    assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
+    moved = 0
+    for name, value in a["params"].items():
+        torch.testing.assert_close(value, b["params"][name], atol=1e-6, rtol=1e-5)
+    from mtrl_local.models.default import load_model
+
+    start, _ = load_model(tiny_model)
+    for name, value in start.state_dict().items():
+        moved += int(not torch.equal(value, a["params"][name]))
+    assert moved > 0, "the step changed nothing: the comparison would be vacuous"

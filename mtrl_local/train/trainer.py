@@ -36,9 +36,7 @@ from transformers import PreTrainedModel
 from mtrl_local.advantages import compute_advantages, group_by
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.errors import UserError
-from mtrl_local.losses import policy_loss
 from mtrl_local.rollout.backend import GenerationBackend, SamplingParams
-from mtrl_local.train.batching import build_examples, collate, micro_batches, token_logprobs
 from mtrl_local.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -54,6 +52,7 @@ from mtrl_local.train.policy import (
     trainable_parameters,
 )
 from mtrl_local.train.rollouts import RolloutBatch, RolloutSource
+from mtrl_local.train.update import UpdateContext, update_policy
 from mtrl_local.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -229,96 +228,19 @@ class Trainer:
     def _update(
         self, trajectories: Sequence[Trajectory], advantages: Sequence[torch.Tensor]
     ) -> dict[str, float]:
-        """One optimizer step over the batch; returns the ``train/*`` metrics."""
-        cfg = self.cfg
-        examples = build_examples(trajectories, advantages, keep_zero_advantage=cfg.beta > 0)
-        lr = float(self.scheduler.get_last_lr()[0])
-        metrics: dict[str, float] = {"train/lr": lr, "train/sequences": float(len(examples))}
-        if not examples:
-            # Every group scored the same: nothing to learn from; the step still counts (an
-            # optimizer step with no gradients changes nothing and keeps the schedule in order).
-            self.optimizer.zero_grad(set_to_none=True)
-            self.optimizer.step()
-            self.scheduler.step()
-            metrics.update({"train/loss": 0.0, "train/grad_norm": 0.0, "train/tokens": 0.0})
-            return metrics
-        num_tokens = float(sum(e.n_loss_tokens for e in examples))
-        num_sequences = float(len(examples))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        weights = 0.0
-        total_tokens = 0
-        autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if self._use_bf16()
-            else torch.autocast("cpu", enabled=False)
+        """One optimizer step over the batch (this process's shard of it)."""
+        pad = self.tokenizer.pad_token_id
+        ctx = UpdateContext(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            params=self.params,
+            pad_id=pad if isinstance(pad, int) else 0,
+            device=self.device,
+            reference=self.reference,
+            bf16=self._use_bf16(),
         )
-        for indices in micro_batches(examples, cfg.micro_batch_tokens):
-            batch = collate([examples[i] for i in indices], pad)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            total_tokens += int(batch["attention_mask"].sum())
-            with autocast:
-                logprobs, entropy = token_logprobs(
-                    self.model,
-                    batch["input_ids"],
-                    batch["attention_mask"],
-                    batch["loss_mask"],
-                    with_entropy=True,
-                )
-                ref = None
-                if self.reference is not None:
-                    with torch.no_grad(), self.reference.module() as ref_model:
-                        ref, _ = token_logprobs(
-                            ref_model,
-                            batch["input_ids"],
-                            batch["attention_mask"],
-                            batch["loss_mask"],
-                        )
-            loss, loss_metrics = policy_loss(
-                cfg.loss_type,
-                logprobs,
-                logprobs.detach(),
-                batch["advantages"],
-                batch["loss_mask"],
-                behaviour_logprobs=batch["behaviour_logprobs"],
-                ref_logprobs=ref,
-                beta=cfg.beta,
-                epsilon_low=cfg.epsilon_low,
-                epsilon_high=cfg.resolved_epsilon_high,
-                is_cap=cfg.is_cap,
-                tis_cap=cfg.tis_cap,
-                aggregation=cfg.loss_aggregation,
-                num_tokens=num_tokens,
-                num_sequences=num_sequences,
-            )
-            loss.backward()
-            share = float(batch["loss_mask"].sum()) / num_tokens
-            weights += share
-            for name, value in loss_metrics.items():
-                key = "train/loss" if name == "loss" else f"train/{name}"
-                if name == "loss":
-                    sums[key] = sums.get(key, 0.0) + float(value)  # already globally normalised
-                else:
-                    sums[key] = sums.get(key, 0.0) + float(value) * share
-            if entropy is not None:
-                mask = batch["loss_mask"]
-                ent = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-                sums["train/entropy"] = sums.get("train/entropy", 0.0) + ent * share
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        if not torch.isfinite(grad_norm):
-            logger.warning("non-finite gradient norm at step %d: update skipped", self.state.step)
-            self.optimizer.zero_grad(set_to_none=True)
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.model.eval()
-        metrics.update(sums)
-        metrics["train/grad_norm"] = float(grad_norm)
-        metrics["train/tokens"] = float(total_tokens)
-        metrics.setdefault("train/kl", 0.0)
-        return metrics
+        return update_policy(ctx, self.cfg, trajectories, advantages)
 
     def _use_bf16(self) -> bool:
         wanted = self.cfg.bf16 if self.cfg.bf16 is not None else self.device.type == "cuda"
