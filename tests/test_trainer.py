@@ -272,3 +272,25 @@ def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path:
     for name, value in start.state_dict().items():
         moved += int(not torch.equal(value, a["params"][name]))
     assert moved > 0, "the step changed nothing: the comparison would be vacuous"
+
+
+def test_async_rollouts_respect_the_staleness_bound(tiny_model: Path, tmp_path: Path) -> None:
+    """A background worker samples with its own copy of the weights (real backend)."""
+    cfg = small_config(
+        tiny_model,
+        tmp_path,
+        max_steps=4,
+        sampling_max_tokens=24,
+        async_config={"max_steps_off_policy": 1},
+    )
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.source.backend.model is not trainer.model  # a copy, not the live module
+    trainer.train()
+    staleness = trainer.store.metric_series("perf/staleness_mean")
+    assert len(staleness) == 4
+    assert all(0.0 <= value <= 1.0 for _, value in staleness)
+    for row in trainer.store.trajectories():
+        assert 0 <= (row.step - 1) - row.policy_version <= 1
+    # The worker picked up the trainer's weights after each step.
+    assert trainer.source.backend.policy_version >= 2
+    trainer.close()
