@@ -9,7 +9,8 @@ ROLLOUTS ?=
 # CPU build of torch for this kind of machine; users elsewhere bring their own torch.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: help setup test test-slow lint format typecheck audit validate tasks clean
+.PHONY: help setup test test-slow lint format typecheck audit validate tasks clean \
+	base-model baseline eval train dash mlflow bench screenshots
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -51,3 +52,33 @@ audit:  ## reward audits: make audit TASK=… [REWARD=module:function] [ROLLOUTS
 
 clean:  ## remove caches (not the venv)
 	rm -rf .pytest_cache .ruff_cache .mypy_cache .benchmarks
+
+MODEL ?= default
+RUN ?=
+RECIPE ?= recipes/default.toml
+ARGS ?=
+
+base-model:  ## build the embedded default model into the cache (≤ 15 min on 2 cores)
+	$(PY) -m mtrl_local.models.default
+
+baseline:  ## the base model on the test split: make baseline TASK=…
+	$(MTRL) baseline --task $(TASK)
+
+eval:  ## evaluate a model: make eval TASK=… MODEL=dir|default
+	$(MTRL) eval --task $(TASK) --model $(MODEL)
+
+train:  ## baseline → RL → final evaluation: make train TASK=… [RECIPE=…] [ARGS="key=value …"]
+	$(MTRL) train --task $(TASK) --recipe $(RECIPE) $(ARGS)
+
+dash:  ## the terminal dashboard: make dash [RUN=runs/<name>]
+	$(MTRL) dash $(RUN)
+
+mlflow:  ## the MLflow UI on 127.0.0.1 for a run: make mlflow RUN=runs/<name>
+	@test -n "$(RUN)" || (echo "make mlflow RUN=runs/<name>"; exit 2)
+	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(RUN))/mlflow.db
+
+bench:  ## benchmarks (pytest-benchmark): rollout engine and trainer, ratios in one run
+	$(PY) -m pytest tests/bench -m slow -p no:cacheprovider --benchmark-disable-gc
+
+screenshots:  ## SVG screenshots of every dashboard view: make screenshots RUN=runs/<name>
+	$(PY) -m tui.screenshots $(RUN) --out docs/screenshots
