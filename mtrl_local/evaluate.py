@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
-from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,12 +32,15 @@ from typing import Any
 
 from rich.table import Table
 
-from mtrl_local.env.actions import has_final_response, parse_tool_calls
 from mtrl_local.errors import UserError
+from mtrl_local.eval_metrics import (  # re-exported: part of the harness's public API
+    first_turn_tool_call_ok,
+    pass_at_k,
+    summarize,
+    val_metrics,
+)
 from mtrl_local.trajectory import Trajectory
-from rewards.parsing import parse_answer
-from rewards.strict import field_matches, strict_score
-from rewards.types import scalar
+from rewards.strict import strict_score
 
 logger = logging.getLogger(__name__)
 
@@ -109,203 +110,6 @@ class EvalConfig:
 
 
 # -- pass@k ----------------------------------------------------------------------------------------
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples with ``c`` successes: ``1 − C(n−c, k) / C(n, k)``.
-
-    The probability that at least one of ``k`` samples drawn without replacement from the ``n``
-    succeeds (Chen et al. 2021, "Evaluating Large Language Models Trained on Code"). Computed as
-    ``1 − Π_{i=n−c+1}^{n} (1 − k/i)``, which never forms the binomials (they overflow floats for
-    large n).
-
-    >>> pass_at_k(4, 1, 1), pass_at_k(4, 1, 4), pass_at_k(4, 0, 2)
-    (0.25, 1.0, 0.0)
-    >>> round(pass_at_k(8, 2, 2), 6) == round(1 - 15 / 28, 6)
-    True
-    """
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs 0 <= c <= n and 1 <= k <= n, got n={n} c={c} k={k}")
-    if n - c < k:
-        return 1.0  # every k-subset contains a success
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-def _assistant_turns(messages: Sequence[Mapping[str, Any]]) -> int:
-    return sum(m.get("role") == "assistant" for m in messages)
-
-
-def first_turn_tool_call_ok(messages: Sequence[Mapping[str, Any]], tool_names: set[str]) -> bool:
-    """The first assistant turn is a well-formed call: it parses, names existing tools, no errors.
-
-    Read from the messages (the tool results that follow it must not be ``error: …``), so it
-    means the same for engine trajectories and hand-written ones. A first turn that answers
-    directly is not a tool call.
-    """
-    for i, message in enumerate(messages):
-        if message.get("role") != "assistant":
-            continue
-        text = str(message.get("content") or "")
-        if has_final_response(text):
-            return False
-        calls = parse_tool_calls(text)
-        if not calls or any(c.error is not None or c.name not in tool_names for c in calls):
-            return False
-        for reply in messages[i + 1 :]:
-            if reply.get("role") != "tool":
-                break
-            if str(reply.get("content", "")).startswith("error: "):
-                return False
-        return True
-    return False
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def summarize(
-    trajectories: Sequence[Trajectory],
-    task: Any,
-    success_threshold: float = 1.0,
-    n_samples: int = 1,
-) -> dict[str, Any]:
-    """The evaluation metrics of ``trajectories`` (a pure function: nothing is run or mutated).
-
-    ``task`` supplies the tool names (for the first-turn check) and the output fields (the order of
-    ``field_acc_by_field``). Trajectories are grouped into cases by ``case_id``; pass@k is the mean
-    over cases of :func:`pass_at_k` for k in ``{1, n_samples}`` (k capped at a case's sample count).
-
-    Keys: ``n_cases``, ``n_samples``, ``n_trajectories``, ``tsr``, ``pass_at_1``,
-    ``pass_at_<n>``, ``reward_pass_at_1``, ``reward_pass_at_<n>``, ``reward_mean``, ``reward_std``,
-    ``completion_rate``, ``field_acc``, ``field_acc_by_field``, ``turns_mean``,
-    ``max_turns_frac``, ``tool_calls_mean``, ``tool_errors_frac``, ``truncated_frac``,
-    ``failure_rate``, ``first_turn_tool_call_frac``, ``reward_strict_disagree_frac``,
-    ``reward_over_strict_frac``, ``done_reasons``, ``counters`` (the engine's per-trajectory
-    counters summed: malformed tool calls, unknown tools…), ``per_case``.
-
-    Scores (TSR, pass@k, completion, field accuracy, reward) are over all trajectories, an
-    environment failure scoring 0; behaviour statistics (turns, tool calls, truncation) are over
-    the trajectories whose environment did not fail, like the engine's ``rollout/*`` metrics.
-    """
-    if not trajectories:
-        raise ValueError("summarize: no trajectories")
-    tool_names = {t.name for t in task.make_env().tools}
-    fields = list(task.output_fields)
-    strict: list[float] = []
-    rewards: list[float | None] = []
-    completed: list[float] = []
-    sample_field_acc: list[float] = []
-    by_field: dict[str, list[float]] = defaultdict(list)
-    first_ok: list[float] = []
-    cases: dict[str, list[int]] = defaultdict(list)  # case_id -> indices into the lists above
-    for i, traj in enumerate(trajectories):
-        answer = parse_answer(traj.messages)
-        matches = field_matches(answer, traj.ground_truth)
-        strict.append(strict_score(traj.messages, traj.ground_truth))
-        rewards.append(None if traj.reward is None else scalar(traj.reward))
-        completed.append(float(answer is not None))
-        sample_field_acc.append(_mean([float(v) for v in matches.values()]))
-        for key, ok in matches.items():
-            by_field[key].append(float(ok))
-        first_ok.append(float(first_turn_tool_call_ok(traj.messages, tool_names)))
-        cases[traj.case_id or traj.group_id].append(i)
-
-    def case_pass(success: list[bool], k: int) -> float:
-        return _mean(
-            [
-                pass_at_k(len(ix), sum(success[j] for j in ix), min(k, len(ix)))
-                for ix in cases.values()
-            ]
-        )
-
-    ks = sorted({1, n_samples})
-    ok_strict = [s >= success_threshold for s in strict]
-    scored = [r for r in rewards if r is not None]
-    ok_reward = [r is not None and r >= success_threshold for r in rewards]
-    n = len(trajectories)
-    # Behaviour statistics describe the episodes that ran (as the engine's rollout/* metrics do);
-    # scores above count an environment failure as a failure of the sample.
-    ran = [t for t in trajectories if not t.failed]
-    calls = sum(t.tool_calls for t in ran)
-    errors = sum(t.tool_errors for t in ran)
-    counters: Counter[str] = Counter()
-    for t in trajectories:
-        counters.update(getattr(t, "counters", None) or {})
-    summary: dict[str, Any] = {
-        "n_cases": len(cases),
-        "n_samples": n_samples,
-        "n_trajectories": n,
-        "tsr": _mean(strict),
-    }
-    for k in ks:
-        summary[f"pass_at_{k}"] = case_pass(ok_strict, k)
-    for k in ks:
-        summary[f"reward_pass_at_{k}"] = case_pass(ok_reward, k) if scored else None
-    scored_ix = [i for i, r in enumerate(rewards) if r is not None]
-
-    def over_scored(pred: Callable[[int], bool]) -> float | None:
-        return _mean([float(pred(i)) for i in scored_ix]) if scored_ix else None
-
-    summary.update(
-        {
-            "reward_mean": statistics.fmean(scored) if scored else None,
-            "reward_std": statistics.pstdev(scored) if scored else None,
-            "completion_rate": _mean(completed),
-            "field_acc": _mean(sample_field_acc),
-            "field_acc_by_field": {
-                key: _mean(by_field[key]) for key in [*fields, *sorted(set(by_field) - set(fields))]
-            },
-            "turns_mean": _mean([t.n_turns or _assistant_turns(t.messages) for t in ran]),
-            "max_turns_frac": _mean([float(t.done_reason == "max_turns") for t in ran]),
-            "tool_calls_mean": calls / len(ran) if ran else 0.0,
-            "tool_errors_frac": errors / calls if calls else 0.0,
-            "truncated_frac": _mean([float(t.truncated) for t in ran]),
-            "failure_rate": _mean([float(t.failed) for t in trajectories]),
-            "first_turn_tool_call_frac": _mean(first_ok),
-            # Over the trajectories that have a reward: does the reward agree with the eval?
-            "reward_strict_disagree_frac": over_scored(lambda i: ok_reward[i] != ok_strict[i]),
-            "reward_over_strict_frac": over_scored(lambda i: ok_reward[i] and strict[i] == 0.0),
-            "done_reasons": dict(Counter(str(t.done_reason) for t in trajectories).most_common()),
-            "counters": dict(sorted(counters.items())),
-            "per_case": {
-                cid: {
-                    "samples": len(ix),
-                    "strict_successes": sum(ok_strict[j] for j in ix),
-                    "reward_successes": sum(ok_reward[j] for j in ix),
-                }
-                for cid, ix in cases.items()
-            },
-        }
-    )
-    return summary
-
-
-def val_metrics(summary: Mapping[str, Any], prefix: str = "val") -> dict[str, float]:
-    """A summary under the DESIGN.md §9 names (``val/tsr``, ``val/reward/pass_k_1``, …).
-
-    ``val/reward/pass_k_<k>`` is the reward-based pass@k (the name says reward); the strict one is
-    added as ``val/strict/pass_k_<k>``.
-    """
-    out = {
-        f"{prefix}/tsr": summary["tsr"],
-        f"{prefix}/completion_rate": summary["completion_rate"],
-        f"{prefix}/field_acc": summary["field_acc"],
-    }
-    if summary.get("reward_mean") is not None:
-        out[f"{prefix}/reward/mean"] = summary["reward_mean"]
-    for key, value in summary.items():
-        if value is None:
-            continue
-        if key.startswith("reward_pass_at_"):
-            out[f"{prefix}/reward/pass_k_{key.rsplit('_', 1)[1]}"] = value
-        elif key.startswith("pass_at_"):
-            out[f"{prefix}/strict/pass_k_{key.rsplit('_', 1)[1]}"] = value
-    return {k: float(v) for k, v in out.items()}
-
-
 # -- models ----------------------------------------------------------------------------------------
 @dataclass
 class Policy:
