@@ -10,7 +10,7 @@ ROLLOUTS ?=
 TORCH_PIN ?= torch==2.13.0
 
 .PHONY: help setup test test-slow lint format typecheck audit validate tasks clean \
-	base-model baseline eval train dash mlflow bench screenshots
+	base-model baseline eval train train-agent dash mlflow bench screenshots
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -68,7 +68,7 @@ eval:  ## evaluate a model: make eval TASK=… MODEL=dir|default
 	$(MTRL) eval --task $(TASK) --model $(MODEL)
 
 train:  ## baseline → RL → final evaluation: make train TASK=… [RECIPE=…] [ARGS="key=value …"]
-	$(MTRL) train --task $(TASK) --recipe $(RECIPE) $(ARGS)
+	$(MTRL) train --task $(TASK) $(if $(wildcard $(RECIPE)),--recipe $(RECIPE),) $(ARGS)
 
 dash:  ## the terminal dashboard: make dash [RUN=runs/<name>]
 	$(MTRL) dash $(RUN)
@@ -82,3 +82,8 @@ bench:  ## benchmarks (pytest-benchmark): rollout engine and trainer, ratios in 
 
 screenshots:  ## SVG screenshots of every dashboard view: make screenshots RUN=runs/<name>
 	$(PY) -m tui.screenshots $(RUN) --out docs/screenshots
+
+AGENT ?= python examples/aircraft_agent.py
+
+train-agent:  ## train your own agent via the rollout server: make train-agent TASK=… [AGENT="python my_agent.py"] [ARGS="key=value …"]
+	$(MTRL) train --task $(TASK) $(if $(wildcard $(RECIPE)),--recipe $(RECIPE),) --agent-cmd "$(AGENT)" $(ARGS)

@@ -256,6 +256,21 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
         base.update(overrides)
         overrides, recipe = base, None
     cfg = load_config(recipe, overrides)
+    if args.agent_cmd:
+        # Bring-your-own agent: episodes come from the agent through the rollout server.
+        from mtrl_local.server.train import run_agent_pipeline
+
+        report = run_agent_pipeline(
+            cfg,
+            args.agent_cmd,
+            run_dir=run_dir,
+            resume=bool(args.resume),
+            workers=args.agent_workers,
+            idle_timeout_s=args.agent_timeout,
+        )
+        console.print(f"run directory: {report['run_dir']}")
+        console.print(f"final model:   {report['final_model']}")
+        return 0
     report = run_pipeline(
         cfg,
         run_dir=run_dir,
@@ -340,6 +355,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", dest="output_dir", default=None)
     p.add_argument("--no-baseline", action="store_true", help="skip the base model on test")
     p.add_argument("--no-final-eval", action="store_true", help="skip the final test evaluation")
+    p.add_argument(
+        "--agent-cmd",
+        default=None,
+        metavar="CMD",
+        help="train your own agent: a command (e.g. 'python my_agent.py') or module:function, "
+        "run once per episode against the rollout server (OPENAI_BASE_URL / OPENAI_API_KEY)",
+    )
+    p.add_argument(
+        "--agent-workers", type=int, default=None, help="agents run at once (default: batch size)"
+    )
+    p.add_argument(
+        "--agent-timeout",
+        type=float,
+        default=120.0,
+        help="seconds an agent may stay silent before its episode fails",
+    )
 
     p = sub.add_parser("dash", help="the terminal dashboard over a run store (live or finished)")
     p.add_argument("run", nargs="?", default=None, help="run directory (default: newest in --runs)")

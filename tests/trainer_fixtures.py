@@ -45,7 +45,9 @@ def build_tiny_model(path: Path, task_name: str = "aircraft_inspection") -> Path
     return path
 
 
-def noisy_expert_backend(tokenizer: Any, task_name: str, noise_rate: float = 0.3) -> ScriptedBackend:
+def noisy_expert_backend(
+    tokenizer: Any, task_name: str, noise_rate: float = 0.3
+) -> ScriptedBackend:
     """Replays the noisy expert of ``task_name``: sample ``s`` of a case uses noise seed ``s``."""
     task = get_task(task_name)
     cache: dict[str, list[list[int]]] = {}

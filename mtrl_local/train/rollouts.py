@@ -18,8 +18,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, cast
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
 
 import torch
 from transformers import PreTrainedModel
@@ -43,10 +43,27 @@ class RolloutBatch:
     epoch: int
     wall_s: float
     new_tokens: int
+    #: Source-specific metrics logged with the step (e.g. ``agent/*`` of the agent source).
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 #: (data_position, epoch) → (cases, next position, next epoch)
 CasePicker = Callable[[int, int], tuple[list[Any], int, int]]
+
+
+class BatchSource(Protocol):
+    """What the trainer needs from a rollout source (this module's, or the agent server's)."""
+
+    backend: GenerationBackend
+    dropped: int
+
+    def start(self, data_position: int, epoch: int, step: int, policy_version: int) -> None: ...
+
+    def next_batch(self, step: int) -> RolloutBatch: ...
+
+    def update_weights(self, model: torch.nn.Module, version: int) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class RolloutSource:

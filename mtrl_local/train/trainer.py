@@ -23,7 +23,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -51,7 +51,7 @@ from mtrl_local.train.policy import (
     resolve_model_path,
     trainable_parameters,
 )
-from mtrl_local.train.rollouts import RolloutBatch, RolloutSource
+from mtrl_local.train.rollouts import BatchSource, RolloutBatch, RolloutSource
 from mtrl_local.train.update import UpdateContext, update_policy
 from mtrl_local.trajectory import Trajectory
 
@@ -83,6 +83,7 @@ class Trainer:
         resume: bool = False,
         progress: bool = True,
         rollout_backend: GenerationBackend | None = None,
+        source_factory: Callable[[Trainer], BatchSource] | None = None,
     ) -> None:
         from mtrl_local.store import RunStore
         from mtrl_local.tracking import MlflowTracker
@@ -139,6 +140,11 @@ class Trainer:
         self.sampling = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.sampling_max_tokens
         )
+        self.source: BatchSource
+        if source_factory is not None:
+            # Bring-your-own agent (mtrl_local.server): episodes come from an external agent.
+            self.source = source_factory(self)
+            return
         self.source = RolloutSource(
             self.model,
             self.tokenizer,
@@ -336,6 +342,7 @@ class Trainer:
                         group_ids=[t.group_id for t in trajectories],
                     )
                 )
+                metrics.update(batch.metrics)
                 over = reward_over_strict_frac(trajectories, cfg.success_threshold)
                 if over is not None:
                     metrics[REWARD_OVER_STRICT_FRAC] = over

@@ -1,0 +1,66 @@
+"""``mtrl train --agent-cmd …``: RL on an external agent's episodes, start to exported model.
+
+The built-in pipeline (:mod:`mtrl_local.train.pipeline`) evaluates the base and tuned models on
+the test split through the task's own environment and prompt. An external agent has its own
+prompt and loop, so that evaluation would measure something else; this pipeline trains and
+exports, and the agent's own metrics (its reported ``completion``, ``field_acc``, ``strict``…)
+are what the store, MLflow and the dashboard show. Val evaluations every ``eval_steps`` still
+use the built-in environment; set ``eval_steps=0`` when the agent's prompt differs from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from mtrl_local.config import MultiTurnRLConfig
+from mtrl_local.server.source import AgentFunction, AgentRolloutSource, agent_source_factory
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILE = "final_report.json"
+
+
+def run_agent_pipeline(
+    cfg: MultiTurnRLConfig,
+    agent: str | AgentFunction,
+    *,
+    run_dir: Path | None = None,
+    resume: bool = False,
+    workers: int | None = None,
+    idle_timeout_s: float = 120.0,
+    episode_timeout_s: float = 900.0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``agent`` (a command line or ``module:function``) with ``cfg``; returns the report."""
+    from mtrl_local.train.trainer import Trainer
+
+    factory = agent_source_factory(
+        agent, workers=workers, idle_timeout_s=idle_timeout_s, episode_timeout_s=episode_timeout_s
+    )
+    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, source_factory=factory)
+    try:
+        state = trainer.train()
+        source = trainer.source
+        totals = dict(source.totals) if isinstance(source, AgentRolloutSource) else {}
+        report: dict[str, Any] = {
+            "run_dir": str(trainer.run_dir),
+            "task": cfg.task,
+            "agent": agent if isinstance(agent, str) else getattr(agent, "__name__", "agent"),
+            "steps": state.step,
+            "agent_totals": totals,
+            "config": asdict(cfg),
+        }
+        report["final_model"] = str(trainer.export())
+        path = trainer.run_dir / REPORT_FILE
+        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        trainer.tracker.log_artifact(path)
+        return report
+    finally:
+        trainer.close()
+
+
+__all__ = ["run_agent_pipeline"]
