@@ -1,0 +1,163 @@
+"""Synthetic copy curriculum: teach a tiny model to copy before it sees the long SOP prompts.
+
+Why this exists: plain SFT on the demonstrations does not teach a sub-10M-parameter model to copy.
+Measured on 2 CPU cores, 0.55M–5M models trained for 12–18 minutes on the task trajectories wrote
+well-formed tool calls with the *wrong* aircraft id 100 % of the time: the id appears once per
+trajectory, far from where it is needed, behind ~1.2k tokens of SOP and tool schemas, and
+"predict the most frequent digit" is a cheaper way to lower the loss than learning an induction
+head. One minute of the short, dense copy tasks below first builds that circuit; afterwards the
+same SFT copied the id 99.5 % of the time.
+
+Three kinds, each a one-turn chat (``user`` → ``assistant``) so it runs through the very same
+``SFTTrainer(assistant_only_loss=True)`` path as the demonstrations:
+
+* ``copy_id``: an id-like string (``AC-48213``, ``SN-70915``, ``N731QK``, ``ACC-44990``…) in
+  filler text, to be copied into ``{"<key>": "<id>"}`` — the shape of a tool call's arguments.
+* ``repeat``: a random run of tokens after a marker, repeated verbatim — copying in general.
+* ``lookup``: a JSON object whose keys share words (``registered_serial``, ``serial_plate``,
+  ``logged_serial``), and a question naming one key: answer ``{"<key>": <value>}`` — reading one
+  value out of a tool result, the step before every rule-derived field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+CurriculumKind = Literal["copy_id", "repeat", "lookup"]
+KINDS: tuple[CurriculumKind, ...] = ("copy_id", "repeat", "lookup")
+
+#: Filler vocabulary: words of the suite's own SOPs and tool results, so the curriculum's text is
+#: in-distribution for the tokenizer trained on that suite.
+FILLER_TEXT = (
+    "inspect aircraft before its next flight following the SOP check the component serial plate "
+    "registered weight battery voltage circuit avionics maintenance log report discrepancy "
+    "incident account customer order ticket warehouse count ledger variance approval record "
+    "result pass fail consistent none value reading status open closed intermittent call tool "
+    "with the id of this request please verify and reply"
+)
+FILLER = tuple(FILLER_TEXT.split())
+KEY_TEXT = (
+    "aircraft serial registered plate logged tail number spec measured weight min battery "
+    "voltage account order ticket sku warehouse incident discrepancy session id code"
+)
+KEY_WORDS = tuple(KEY_TEXT.split())
+LETTERS = "ABCDEFGHJKLMNPQRSTUVWXYZ"
+DIGITS = "0123456789"
+
+
+def _digits(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(DIGITS) for _ in range(n))
+
+
+def random_id(rng: random.Random) -> str:
+    """An id in one of the suite's shapes (prefix + digits, or a tail number)."""
+    shape = rng.randrange(6)
+    if shape == 0:
+        return f"AC-{_digits(rng, 5)}"
+    if shape == 1:
+        return f"SN-{_digits(rng, 5)}"
+    if shape == 2:
+        return f"N{_digits(rng, 3)}{rng.choice(LETTERS)}{rng.choice(LETTERS)}"
+    if shape == 3:
+        prefix = rng.choice(("ACC", "ORD", "TKT", "SKU", "INC", "DSC", "WH"))
+        return f"{prefix}-{_digits(rng, rng.randint(1, 5))}"
+    if shape == 4:
+        return f"{rng.choice(LETTERS)}{rng.choice(LETTERS)}{_digits(rng, rng.randint(2, 6))}"
+    return "".join(rng.choice(LETTERS + DIGITS) for _ in range(rng.randint(4, 8)))
+
+
+def random_key(rng: random.Random) -> str:
+    """A snake_case key of 1–3 suite words: keys that share words make lookups non-trivial."""
+    return "_".join(rng.sample(KEY_WORDS, rng.randint(1, 3)))
+
+
+def _filler(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(FILLER) for _ in range(rng.randint(lo, hi)))
+
+
+def _value(rng: random.Random) -> Any:
+    kind = rng.randrange(5)
+    if kind == 0:
+        return random_id(rng)
+    if kind == 1:
+        return rng.randint(0, 999)
+    if kind == 2:
+        return round(rng.uniform(0.5, 999.9), 1)
+    if kind == 3:
+        return rng.choice([True, False])
+    return rng.choice(FILLER)
+
+
+@dataclass(frozen=True)
+class CopyExample:
+    """One curriculum item: the user text, the exact assistant target, and its kind."""
+
+    kind: CurriculumKind
+    prompt: str
+    target: str
+
+    def messages(self) -> list[dict[str, str]]:
+        """The item as a one-turn chat (the shape ``SFTTrainer`` trains on)."""
+        return [
+            {"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": self.target},
+        ]
+
+
+def copy_id_example(rng: random.Random) -> CopyExample:
+    """An id in filler text, copied into ``{"<key>": "<id>"}``."""
+    ident, key = random_id(rng), random_key(rng)
+    prompt = (
+        f'{_filler(rng, 3, 30)} {ident} {_filler(rng, 0, 30)}. Reply with {{"{key}": <the id>}}.'
+    )
+    return CopyExample("copy_id", prompt, json.dumps({key: ident}))
+
+
+def repeat_example(rng: random.Random) -> CopyExample:
+    """A run of 3–10 random id-like groups (8–60 symbols), repeated after a marker.
+
+    Every target token is predictable only by copying, so this is the densest signal for the
+    induction heads that copying needs; the symbols are digits and capitals, one token each.
+    """
+    run = " ".join(random_id(rng) for _ in range(rng.randint(3, 10)))
+    return CopyExample("repeat", f"{_filler(rng, 0, 10)}\nRepeat: {run}", run)
+
+
+def lookup_example(rng: random.Random) -> CopyExample:
+    """A JSON object of 3–8 keys sharing words; answer the value of the key asked for."""
+    obj: dict[str, Any] = {}
+    while len(obj) < rng.randint(3, 8):
+        obj[random_key(rng)] = _value(rng)
+    key = rng.choice(list(obj))
+    prompt = f"{json.dumps(obj)}\nWhat is {key}? Reply with {{{json.dumps(key)}: <value>}}."
+    return CopyExample("lookup", prompt, json.dumps({key: obj[key]}))
+
+
+GENERATORS = {"copy_id": copy_id_example, "repeat": repeat_example, "lookup": lookup_example}
+
+
+#: Order in which the kinds cycle: half of the items are ``repeat`` (the densest copy signal).
+CYCLE: tuple[CurriculumKind, ...] = ("copy_id", "repeat", "lookup", "repeat")
+
+
+def curriculum(n: int, seed: int = 0) -> Iterator[CopyExample]:
+    """``n`` examples cycling through :data:`CYCLE`, deterministic given ``seed``."""
+    rng = random.Random(seed)
+    for i in range(n):
+        yield GENERATORS[CYCLE[i % len(CYCLE)]](rng)
+
+
+__all__ = [
+    "KINDS",
+    "CopyExample",
+    "CurriculumKind",
+    "copy_id_example",
+    "curriculum",
+    "lookup_example",
+    "random_id",
+    "repeat_example",
+]

@@ -1,0 +1,363 @@
+"""Warm-start data and training phases of the default model.
+
+The demonstrations are a conversational dataset trained with TRL's
+``SFTTrainer(assistant_only_loss=True)``, so the loss mask comes from the chat template's
+``{% generation %}`` markers exactly as it will during RL (DESIGN §3): the model is trained on
+its own replies and their ``<|im_end|>``, never on the SOP, the tool schemas or the tool results.
+The copy curriculum uses the same mask in a plain PyTorch loop (:func:`train_curriculum` says why).
+
+A demonstration is one whole trajectory as one sequence (sequence extension): every assistant
+turn of an episode is trained in one forward pass over ~2.5k tokens, instead of one sample per
+turn that would re-encode the 1.25k-token prompt ten times.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+
+from mtrl_local.models.curriculum import CopyExample
+from sopbench import get_task
+from sopbench.base import PolicyEpisode
+
+logger = logging.getLogger(__name__)
+
+
+def _jsonable_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages with every tool call's ``arguments`` as a JSON string.
+
+    ``datasets`` infers one Arrow struct per column: differing argument dicts would be merged into
+    one struct whose missing fields come back as ``None`` (and would then be rendered). A string
+    is rendered verbatim by the template, and it is the string the policy wrote.
+    """
+    out = []
+    for m in messages:
+        row: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+        if m.get("tool_calls"):
+            row["tool_calls"] = [
+                {
+                    "name": c["name"],
+                    "arguments": c["arguments"]
+                    if isinstance(c["arguments"], str)
+                    else json.dumps(c["arguments"]),
+                }
+                for c in m["tool_calls"]
+            ]
+        out.append(row)
+    return out
+
+
+def demonstration_episodes(
+    mix: Sequence[tuple[str, int]], noise_rate: float, seed: int, max_cases: int | None = None
+) -> list[PolicyEpisode]:
+    """Noisy-expert episodes on the **train** split: ``(task, repeats)`` per task in ``mix``.
+
+    ``max_cases`` keeps the first N cases of each task (tiny test builds). Each repeat runs the
+    expert with another noise seed, so repeats of a case differ where the
+    expert slips (and are identical where it does not).
+    """
+    episodes: list[PolicyEpisode] = []
+    for name, repeats in mix:
+        task = get_task(name)
+        cases = task.cases("train")[:max_cases]
+        for r in range(repeats):
+            episodes += [
+                task.run_policy(c, seed=seed * 1000 + r, noise_rate=noise_rate) for c in cases
+            ]
+    return episodes
+
+
+def demonstration_rows(episodes: Iterable[PolicyEpisode]) -> list[dict[str, Any]]:
+    """SFT rows ``{"messages", "tools"}`` (tools as one JSON string, see above)."""
+    return [
+        {"messages": _jsonable_messages(e.messages), "tools": json.dumps(e.tools)} for e in episodes
+    ]
+
+
+def suite_texts(episodes: Iterable[PolicyEpisode]) -> list[str]:
+    """The text a tokenizer is trained on: every SOP, every tool schema and every message.
+
+    Only train-split episodes are passed in, so the test split never shapes the vocabulary.
+    """
+    texts: list[str] = []
+    seen_tools: set[str] = set()
+    for e in episodes:
+        tools = json.dumps(e.tools)
+        if tools not in seen_tools:
+            seen_tools.add(tools)
+            texts += [json.dumps(t.get("function", t)) for t in e.tools]
+        texts += [m.get("content") or "" for m in e.messages]
+    return texts
+
+
+@dataclass
+class PhaseResult:
+    """What one training phase did, for ``mtrl_build.json``."""
+
+    name: str
+    steps: int
+    rows: int
+    seconds: float
+    first_loss: float | None
+    last_loss: float | None
+    losses: list[float]
+    train_tokens: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "steps": self.steps,
+            "rows": self.rows,
+            "seconds": round(self.seconds, 1),
+            "first_loss": self.first_loss,
+            "last_loss": self.last_loss,
+            "losses": [round(x, 4) for x in self.losses],
+            "train_tokens": self.train_tokens,
+        }
+
+
+class _LogLoss(TrainerCallback):
+    """Log the loss through ``logging`` (the library does not print)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            logger.info(
+                "%s step %d/%d loss %.4f",
+                self.name,
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
+            )
+
+
+def train_phase(
+    name: str,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict[str, Any]],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    max_length: int,
+    seed: int,
+    work_dir: Path,
+    per_device: int = 1,
+    warmup_steps: int = 10,
+    progress: bool = True,
+) -> PhaseResult:
+    """Train ``model`` in place for ``steps`` optimizer steps of ``SFTTrainer`` on ``rows``.
+
+    Budgets are in steps, not minutes, so a build is reproducible on any machine; the default
+    spec's step counts were sized to fit the 15-minute budget on 2 CPU cores. The schedule is
+    warmup then cosine decay to 0 within the phase: the next phase starts its own warmup.
+    ``per_device`` sequences go through each forward pass (``batch_size`` must be a multiple):
+    1 for long trajectories, more for the short curriculum items.
+    """
+    if batch_size % per_device:
+        raise ValueError("batch_size must be a multiple of per_device")
+    from trl import SFTConfig, SFTTrainer
+
+    args = SFTConfig(
+        output_dir=str(work_dir / name),
+        max_steps=steps,
+        # One sequence per forward pass: no padding, so SDPA keeps its fast maskless kernel
+        # (a padded batch of mixed-length trajectories was ~5x slower per token on CPU).
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=batch_size // per_device,
+        # Activations of a 0.55M model over 4k tokens are small; recomputing them is not.
+        activation_checkpointing=False,
+        # TRL defaults to bf16 autocast, on CPU too: no faster at this size, and the rollout
+        # engine samples in fp32, so train in fp32 (no train/inference precision mismatch).
+        bf16=False,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(warmup_steps, max(steps // 10, 1)),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        assistant_only_loss=True,
+        max_length=max_length,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=max(1, min(25, steps // 20)),
+        logging_first_step=True,
+        disable_tqdm=not progress,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(rows),
+        args=args,
+        callbacks=[_LogLoss(name)],
+    )
+    if trainer.chat_template is not None:
+        raise RuntimeError("TRL replaced the chat template: the tokenizer is not ours")
+    prepared = trainer.train_dataset
+    assert isinstance(prepared, Dataset)  # a map-style dataset was passed in
+    n_tok = sum(len(ids) for ids in prepared["input_ids"])
+    epochs = steps * batch_size / max(len(rows), 1)
+    logger.info(
+        "%s: %d rows, %d tokens, %d steps x batch %d (%.1f epochs)",
+        name,
+        len(rows),
+        n_tok,
+        steps,
+        batch_size,
+        epochs,
+    )
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    losses = [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
+    model.eval()
+    return PhaseResult(
+        name=name,
+        steps=steps,
+        rows=len(rows),
+        seconds=seconds,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        losses=losses,
+        train_tokens=math.ceil(n_tok * epochs),
+    )
+
+
+def train_curriculum(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[CopyExample],
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    warmup_steps: int = 10,
+) -> PhaseResult:
+    """The copy curriculum as a plain PyTorch loop (same loss as ``assistant_only_loss``).
+
+    Why not ``SFTTrainer`` here: on 2 CPU cores its per-step overhead (metrics, collation,
+    accelerate wrappers) cost ~5x the compute of a 32 × 100-token batch of this tiny model, and
+    the curriculum needs hundreds of short steps. The loss is the same: prompt tokens are masked
+    (-100), the reply and its ``<|im_end|>`` are trained. Right padding needs no attention mask
+    (causal attention never looks at later pads; their labels are -100), which keeps SDPA on its
+    fast maskless kernel.
+    """
+    from mtrl_local.chat import encode_assistant, encode_prompt
+
+    seqs: list[tuple[list[int], list[int]]] = []
+    for ex in examples:
+        prompt = encode_prompt(tokenizer, ex.messages()[:1])
+        reply = encode_assistant(tokenizer, ex.target)
+        seqs.append((prompt + reply, [-100] * len(prompt) + reply))
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(seqs), generator=gen).tolist()
+    opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    warm = min(warmup_steps, max(steps // 10, 1))
+
+    def lr_at(step: int) -> float:  # warmup, then cosine to 0 (as the SFT phase)
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(steps - warm, 1)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    pad = tokenizer.pad_token_id
+    model.train()
+    losses: list[float] = []
+    n_tok = 0
+    t0 = time.perf_counter()
+    log_every = max(1, min(25, steps // 20))
+    for step in range(steps):
+        batch = [seqs[order[(step * batch_size + k) % len(order)]] for k in range(batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.full((batch_size, width), pad, dtype=torch.long)
+        labels = torch.full((batch_size, width), -100, dtype=torch.long)
+        for row, (x, y) in enumerate(batch):
+            ids[row, : len(x)] = torch.tensor(x)
+            labels[row, : len(y)] = torch.tensor(y)
+        n_tok += int(ids.numel())
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step == 0 or (step + 1) % log_every == 0:
+            losses.append(loss.item())
+            logger.info("curriculum step %d/%d loss %.4f", step + 1, steps, losses[-1])
+    model.eval()
+    return PhaseResult(
+        name="curriculum",
+        steps=steps,
+        rows=len(seqs),
+        seconds=time.perf_counter() - t0,
+        first_loss=losses[0] if losses else None,
+        last_loss=losses[-1] if losses else None,
+        losses=losses,
+        train_tokens=n_tok,
+    )
+
+
+@torch.no_grad()
+def copy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[CopyExample],
+    max_new_tokens: int = 48,
+) -> float:
+    """Share of ``examples`` whose greedy reply is exactly the target (held-out curriculum).
+
+    One left-padded batch: a cheap check, recorded in ``mtrl_build.json``, that the copy circuit
+    the curriculum builds survived the SFT phase.
+    """
+    from mtrl_local.chat import encode_prompt
+
+    if not examples:
+        return 0.0
+    model.eval()
+    prompts = [encode_prompt(tokenizer, ex.messages()[:1]) for ex in examples]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p) :] = torch.tensor(p)
+        mask[row, width - len(p) :] = 1
+    out = model.generate(  # type: ignore[operator]
+        ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=pad,
+    )
+    replies = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    hits = sum(reply == ex.target for reply, ex in zip(replies, examples, strict=True))
+    return hits / len(examples)
+
+
+__all__ = [
+    "PhaseResult",
+    "copy_accuracy",
+    "demonstration_episodes",
+    "demonstration_rows",
+    "suite_texts",
+    "train_curriculum",
+    "train_phase",
+]
