@@ -158,6 +158,16 @@ def _rows(db: Path) -> list[tuple[int, str, int]]:
         ).fetchall()
 
 
+def _steps_so_far(db: Path) -> int:
+    """Distinct steps stored so far; 0 while the trainer is still creating the store's tables."""
+    if not db.exists():
+        return 0
+    try:
+        return len({r[0] for r in _rows(db)})
+    except sqlite3.OperationalError:  # the file exists, its schema is not written yet
+        return 0
+
+
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -187,9 +197,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if (run_dir / "run.sqlite").exists() and len(
-                {r[0] for r in _rows(run_dir / "run.sqlite")}
-            ) >= 2:
+            if _steps_so_far(run_dir / "run.sqlite") >= 2:
                 break
             if proc.poll() is not None:
                 pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
