@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -144,6 +144,40 @@ GENERATORS = {"copy_id": copy_id_example, "repeat": repeat_example, "lookup": lo
 CYCLE: tuple[CurriculumKind, ...] = ("copy_id", "repeat", "lookup", "repeat")
 
 
+def induction_sequences(
+    rng: random.Random,
+    symbols: Sequence[int],
+    fillers: Sequence[int],
+    markers: tuple[int, int],
+    n: int,
+    width: int = 64,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` token-level copy sequences ``filler · run · end · filler · start · run``.
+
+    The stage before the text curriculum: a run of 5–15 ``symbols`` (the digit and capital-letter
+    tokens ids are spelled with) appears once, and must be repeated after the second marker,
+    at a distance that varies from sequence to sequence. Only the repeat is trained (labels -100
+    elsewhere). A fixed distance would be learnt as a positional shortcut; a variable one needs an
+    induction head (a previous-token head composed with a head that matches it), which is what
+    copying an id out of a long prompt needs. The two ``markers`` (end, start) differ: with one
+    marker, an induction head would copy the filler that followed its first occurrence. Returns
+    ``(input_ids, labels)``, each ``width`` long (right-padded with the end marker, label -100).
+    """
+    end, start = markers
+    inputs: list[list[int]] = []
+    labels: list[list[int]] = []
+    for _ in range(n):
+        run = [rng.choice(symbols) for _ in range(rng.randint(5, 15))]
+        pre = [rng.choice(fillers) for _ in range(rng.randint(0, 10))]
+        gap = [rng.choice(fillers) for _ in range(rng.randint(0, 10))]
+        ids = [*pre, *run, end, *gap, start, *run][:width]
+        lab = [-100] * (len(ids) - len(run)) + ids[len(ids) - len(run) :]
+        pad = width - len(ids)
+        inputs.append(ids + [end] * pad)
+        labels.append(lab + [-100] * pad)
+    return inputs, labels
+
+
 def curriculum(n: int, seed: int = 0) -> Iterator[CopyExample]:
     """``n`` examples cycling through :data:`CYCLE`, deterministic given ``seed``."""
     rng = random.Random(seed)
@@ -157,6 +191,7 @@ __all__ = [
     "CurriculumKind",
     "copy_id_example",
     "curriculum",
+    "induction_sequences",
     "lookup_example",
     "random_id",
     "repeat_example",

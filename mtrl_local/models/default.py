@@ -73,6 +73,7 @@ from mtrl_local.models.sft import (
     demonstration_rows,
     suite_texts,
     train_curriculum,
+    train_induction,
     train_phase,
 )
 from mtrl_local.models.tokenizer import train_tokenizer
@@ -80,7 +81,7 @@ from mtrl_local.models.tokenizer import train_tokenizer
 logger = logging.getLogger(__name__)
 
 #: Bumped when the build procedure changes in a way the spec does not show (invalidates caches).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 BUILD_FILE = "mtrl_build.json"
 
 
@@ -88,8 +89,10 @@ BUILD_FILE = "mtrl_build.json"
 class DefaultModelSpec:
     """Everything that determines the default model; its hash names the cache directory."""
 
-    architecture: Literal["qwen3", "llama"] = "qwen3"
-    """Decoder layout. Qwen3 normalises queries and keys per head (q/k RMSNorm); Llama does not."""
+    architecture: Literal["qwen3", "llama"] = "llama"
+    """Decoder layout. Qwen3 normalises queries and keys per head (q/k RMSNorm); Llama does not,
+    and at this size forms its induction head much sooner (token-level copy loss 0.19 vs 2.0
+    after 350 steps at lr 1e-3): q/k-norm caps the attention logits until its gains grow."""
     vocab_size: int = 2048
     """Tokenizer size incl. 256 bytes and 7 added tokens; BPE on the suite stops near ~2.8k."""
     hidden_size: int = 128
@@ -102,13 +105,23 @@ class DefaultModelSpec:
     """MLP width."""
     max_length: int = 4096
     """Longest training sequence in tokens (an aircraft trajectory is ~2–2.8k)."""
-    learning_rate: float = 3e-3
-    """Peak AdamW learning rate of both phases (6e-3 measured much worse)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate of every phase. At 3e-3 no induction head formed (token-level
+    copy loss flat at ~3.1 nats after 600 steps); at 1e-3 it formed by step ~300."""
+    induction_steps: int = 400
+    """At most this many optimizer steps per attempt of the token-level copy stage."""
+    induction_attempts: int = 4
+    """Fresh initialisations tried until the copy stage reaches its target (the last one is kept
+    whatever its loss)."""
+    induction_target_loss: float = 0.3
+    """The copy stage stops once its loss (mean of 20 steps) is below this: the head formed."""
+    induction_batch_size: int = 32
+    """Sequences per induction step."""
     curriculum_steps: int = 200
     """Optimizer steps of the copy curriculum."""
     curriculum_batch_size: int = 32
     """Sequences per curriculum step (each ~60–120 tokens)."""
-    sft_steps: int = 600
+    sft_steps: int = 900
     """Optimizer steps on the demonstrations."""
     sft_batch_size: int = 2
     """Whole trajectories per SFT step."""
@@ -203,12 +216,32 @@ def build_default_model(
             prep_s,
         )
 
-        _seed_everything(spec.seed)
-        model = make_model(spec, tokenizer)
+        # Whether the induction head forms within a few hundred steps depends on the random
+        # initialisation (measured: by step ~300 for some inits, not by 1,100 for others), so a
+        # stalled attempt is restarted from a fresh init. Seeds are derived from spec.seed: the
+        # build stays deterministic.
+        phases = []
+        for attempt in range(spec.induction_attempts):
+            _seed_everything(spec.seed * 1000 + attempt)
+            model = make_model(spec, tokenizer)
+            induction = train_induction(
+                model,
+                tokenizer,
+                steps=spec.induction_steps,
+                batch_size=spec.induction_batch_size,
+                learning_rate=spec.learning_rate,
+                seed=spec.seed * 1000 + attempt,
+                target_loss=spec.induction_target_loss,
+            )
+            phases.append(induction)
+            if induction.reached_target:
+                break
+            logger.warning("induction head not formed (attempt %d): new init", attempt + 1)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model: %s, %d parameters", type(model).__name__, n_params)
+        _seed_everything(spec.seed)
         with tempfile.TemporaryDirectory(prefix="mtrl-build-") as work:
-            phases = [
+            phases += [
                 train_curriculum(
                     model,
                     tokenizer,

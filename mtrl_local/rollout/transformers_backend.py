@@ -290,7 +290,9 @@ class TransformersBackend:
         mask = cache.mask(rows, start, q, self._additive_mask)
         out = self.model(
             input_ids=ids,
-            attention_mask={"full_attention": mask},
+            # A 4-D mask is used as given by every decoder's mask builder (a per-layer-type
+            # dict is understood by Qwen3-style models only, not by Llama).
+            attention_mask=mask,
             position_ids=cache.positions[rows, start : start + q],
             past_key_values=cache,
             use_cache=True,

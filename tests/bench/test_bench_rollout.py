@@ -5,7 +5,7 @@ Marked ``slow`` (the default run deselects it with ``-m 'not slow'``). Run::
     .venv/bin/python -m pytest tests/bench -m slow -p no:cacheprovider --log-cli-level=INFO \\
         --benchmark-disable-gc
 
-Model: a random Qwen3 of the default model's shape (``mtrl_local.models.default.DefaultModelSpec``:
+Model: a random decoder of the default model's shape (``DefaultModelSpec``:
 hidden 128, 2 layers, 4 heads, MLP 512, tied embeddings) over a tokenizer trained on the suite.
 A random model writes no tool calls and stops at random, so turns are forced to realistic shapes:
 eos is banned (``ignore_eos``), every turn samples exactly ``TOKENS_PER_TURN`` tokens, and the
@@ -35,7 +35,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen3ForCausalLM
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtrl_local.chat import FINAL_OPEN, TOOL_CALL_OPEN, encode_prompt
 from mtrl_local.models import train_tokenizer
@@ -69,7 +69,7 @@ def tok() -> PreTrainedTokenizerBase:
     return train_tokenizer(texts, vocab_size=2048)
 
 
-def default_shaped_model(tok: PreTrainedTokenizerBase) -> Qwen3ForCausalLM:
+def default_shaped_model(tok: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Random weights in the default model's shape (the built default is not needed here)."""
     from mtrl_local.models.default import DefaultModelSpec, make_model
 
@@ -77,7 +77,7 @@ def default_shaped_model(tok: PreTrainedTokenizerBase) -> Qwen3ForCausalLM:
     return make_model(DefaultModelSpec(), tok).eval()
 
 
-def force_multi_turn(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerBase) -> None:
+def force_multi_turn(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
     """The token after every newline is ``<tool_call>`` (see the module docstring)."""
     newline = tok.encode("\n", add_special_tokens=False)[0]
     opener = tok.convert_tokens_to_ids(TOOL_CALL_OPEN)
@@ -102,7 +102,7 @@ PARAMS = SamplingParams(temperature=1.0, max_tokens=TOKENS_PER_TURN, seed=0, ign
 
 
 def run_engine(
-    model: Qwen3ForCausalLM,
+    model: PreTrainedModel,
     tok: PreTrainedTokenizerBase,
     n: int,
     *,
@@ -125,7 +125,7 @@ def run_engine(
 
 
 def run_ceiling(
-    model: Qwen3ForCausalLM, tok: PreTrainedTokenizerBase, prompt_len: int, new_tokens: int
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_len: int, new_tokens: int
 ) -> dict[str, float]:
     """Batched ``model.generate``: the same batch, prompt length and new tokens per row."""
     prompt = encode_prompt(tok, TASK.make_env().reset(TASK.cases("train")[0]))[:prompt_len]

@@ -16,7 +16,7 @@ Measured in one run, all as ratios (a shared CPU makes absolute seconds noisy):
    each way on the same weights.
 3. **Async vs sync**: median step time of the ``Trainer`` at ``max_steps_off_policy`` 1 vs 0.
 
-The model: the default model's shape (``DefaultModelSpec``: Qwen3, hidden 128, 2 layers) over a
+The model: the default model's shape (``DefaultModelSpec``: hidden 128, 2 layers) over a
 tokenizer trained on the suite, warmed up with ``MTRL_BENCH_SFT_STEPS`` steps of SFT on
 noisy-expert trajectories (loss on the assistant turns only; ~80 s on one thread), so that its
 rollouts look like an agent's: a tool call every turn and a ``<final_response>`` after 6–9 turns.
@@ -493,7 +493,7 @@ def test_bench_trainer_vs_trl(
             "max_turns": MAX_TURNS,
             "threads": torch.get_num_threads(),
             "warm_up_sft": sft,
-            "model": "Qwen3 (DefaultModelSpec shape), warmed-up weights shared by both sides",
+            "model": "DefaultModelSpec shape, warmed-up weights shared by both sides",
         },
         "mtrl_sync": summary(sync),
         "mtrl_async": summary(asyn),
