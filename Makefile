@@ -58,8 +58,8 @@ RUN ?=
 RECIPE ?= recipes/default.toml
 ARGS ?=
 
-base-model:  ## build the embedded default model into the cache (≤ 15 min on 2 cores)
-	$(PY) -m mtrl_local.models.default
+base-model:  ## rebuild the embedded default model from scratch into the cache (~23 min on 2 cores)
+	$(PY) -m mtrl_local.models.default --force
 
 baseline:  ## the base model on the test split: make baseline TASK=…
 	$(MTRL) baseline --task $(TASK)

@@ -13,7 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import PreTrainedTokenizerBase, Qwen3Config, Qwen3ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from mtrl_local.chat import FINAL_OPEN, TOOL_CALL_OPEN, encode_assistant
 from mtrl_local.env import Environment, render_final_response, render_tool_call
@@ -56,10 +62,16 @@ def cases() -> list[Case]:
     return TASK.cases("val")[:4]
 
 
-def tiny_model(tok: PreTrainedTokenizerBase, seed: int = 0) -> Qwen3ForCausalLM:
-    """A random 2-layer, hidden-32 Qwen3 in float64 (so batch layouts cannot flip an argmax)."""
+def tiny_model(
+    tok: PreTrainedTokenizerBase, seed: int = 0, arch: str = "qwen3"
+) -> Qwen3ForCausalLM | LlamaForCausalLM:
+    """A random 2-layer, hidden-32 decoder in float64 (so batch layouts cannot flip an argmax).
+
+    ``arch``: ``qwen3`` or ``llama`` (the default model's layout).
+    """
     torch.manual_seed(seed)
-    config = Qwen3Config(
+    config_cls = LlamaConfig if arch == "llama" else Qwen3Config
+    config = config_cls(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
@@ -73,7 +85,8 @@ def tiny_model(tok: PreTrainedTokenizerBase, seed: int = 0) -> Qwen3ForCausalLM:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
-    return Qwen3ForCausalLM(config).double().eval()
+    model_cls = LlamaForCausalLM if arch == "llama" else Qwen3ForCausalLM
+    return model_cls(config).double().eval()
 
 
 def force_tool_call_after_newline(model: Qwen3ForCausalLM, tok: PreTrainedTokenizerBase) -> None:
@@ -326,8 +339,9 @@ def multi_turn_run(
     max_batch: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
+    arch: str = "qwen3",
 ) -> tuple[list[Trajectory], TransformersBackend]:
-    model = tiny_model(tok)
+    model = tiny_model(tok, arch=arch)
     force_tool_call_after_newline(model, tok)
     backend = TransformersBackend(model, tok, kv_reuse=kv_reuse, max_batch=max_batch)
     engine = RolloutEngine(backend, tok, max_batch=max_batch, progress=False)
@@ -335,11 +349,12 @@ def multi_turn_run(
     return checked(engine.run(TASK, cases, sampling=params, max_turns=3)), backend
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_kv_reuse_gives_the_same_greedy_tokens_as_re_prefill(
-    tok: PreTrainedTokenizerBase, cases: list[Case]
+    tok: PreTrainedTokenizerBase, cases: list[Case], arch: str
 ) -> None:
-    reused, backend = multi_turn_run(tok, cases, kv_reuse=True)
-    fresh, _ = multi_turn_run(tok, cases, kv_reuse=False)
+    reused, backend = multi_turn_run(tok, cases, kv_reuse=True, arch=arch)
+    fresh, _ = multi_turn_run(tok, cases, kv_reuse=False, arch=arch)
     assert all(t.n_turns == 3 and t.done_reason == "max_turns" for t in reused)
     assert [t.input_ids for t in reused] == [t.input_ids for t in fresh]
     flat = [x for t in fresh for x in t.behaviour_logprobs]

@@ -1,14 +1,14 @@
-"""The embedded default model: a tiny Qwen3 built locally, with a foothold on the suite.
+"""The embedded default model: a tiny decoder built locally, with a foothold on the suite.
 
 Nothing can be downloaded, and RL amplifies only what the model can already do (DESIGN §1.4), so
-the toolkit builds its own starting point in a few CPU minutes:
+the toolkit builds its own starting point on the CPU:
 
 1. a byte-level BPE tokenizer trained on the suite's own text (SOPs, tool schemas and train-split
    trajectories; one token per digit and per capital, :mod:`mtrl_local.models.tokenizer`);
-2. a randomly initialised ``Qwen3ForCausalLM`` of ~0.75M parameters (hidden 128, 2 layers: at
-   equal minutes 2 layers beat 4, they get twice the steps);
-3. a short synthetic copy curriculum (:mod:`mtrl_local.models.curriculum`) — without one a tiny
-   model does not learn to copy an id from the user message into a tool call;
+2. a randomly initialised ``LlamaForCausalLM`` of ~0.75M parameters (hidden 128, 2 layers);
+3. a token-level induction stage, restarted from a fresh init while it stalls, then a text copy
+   curriculum (:mod:`mtrl_local.models.curriculum`) — without them a tiny model does not learn to
+   copy an id from the user message into a tool call;
 4. a warm start with TRL's ``SFTTrainer(assistant_only_loss=True)`` on noisy-expert
    demonstrations of the **train** split of every task (:mod:`mtrl_local.models.sft`).
 
@@ -16,15 +16,15 @@ The aim is a *foothold*, not a solved task: the model follows the procedure, wri
 tool calls with the right ids and a parseable answer, and guesses most rule-derived fields, so
 strict TSR sits inside (5 %, 50 %) and RL has room to raise it.
 
-Status (measured, seed 0, this spec): the target is **not reached yet**. The model writes a
-well-formed ``lookup_aircraft`` call as its first turn in 100 % of aircraft test cases, but with a
-wrong aircraft id (greedy TSR 0.0): the copy circuit did not form (held-out curriculum copy
-accuracy 0 %; 600 curriculum steps alone reached 0–5 %). See ``mtrl_build.json`` of a build
-and the notes of the issue for what was tried.
+Status (measured, seed 0, this spec, aircraft_inspection test split, greedy): first turns are
+well-formed calls in 99 %, the aircraft id is copied into the calls, completion 94 %, field
+accuracy 63 % — but ``tail_number`` is copied only in part (digits right, the two trailing
+capitals wrong: 0 % exact), so strict TSR is **0.0: the foothold target is not reached yet**.
+The build takes ~23 minutes on 2 cores; its output is shipped (:data:`SHIPPED_DIR`).
 
-Budgets are in optimizer steps (deterministic given the seed), sized so that a build fits
-15 minutes on 2 CPU cores. ``default_model_path()`` caches the build under ``$MTRL_CACHE`` (or
-``~/.cache/mtrl-local``), keyed by a hash of the spec, and builds on first use under a file lock.
+Budgets are in optimizer steps (deterministic given the seed). ``default_model_path()`` caches
+the model under ``$MTRL_CACHE`` (or ``~/.cache/mtrl-local``), keyed by a hash of the spec, from the
+shipped build when it matches the spec, else built on first use under a file lock.
 
 Entry point (``make base-model``)::
 
@@ -332,15 +332,36 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+#: A build of the default spec shipped with the package (weights ~3 MB), so that a fresh clone
+#: evaluates and trains without first spending the build's ~23 CPU minutes. Used only when its
+#: recorded spec hash is the one asked for; ``make base-model`` rebuilds it from scratch.
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_build(spec: DefaultModelSpec) -> Path | None:
+    """The shipped build directory if it was built from ``spec`` (same hash), else ``None``."""
+    record = SHIPPED_DIR / BUILD_FILE
+    if not record.is_file():
+        return None
+    try:
+        shipped_hash = json.loads(record.read_text(encoding="utf-8")).get("spec_hash")
+    except (OSError, ValueError):
+        return None
+    return SHIPPED_DIR if shipped_hash == spec.spec_hash() else None
+
+
 def default_model_path(
     cache_dir: str | Path | None = None,
     build: bool = True,
     spec: DefaultModelSpec | None = None,
     force: bool = False,
     progress: bool = True,
+    use_shipped: bool = True,
 ) -> Path:
     """The cached default model directory, built on first use (``build=False``: never build).
 
+    With ``use_shipped`` (the default) a missing cache entry is filled from the build shipped
+    with the package when it matches ``spec``; otherwise (or with ``force``) the model is built.
     The build writes into a temporary sibling and renames it into place, so a directory that
     exists is complete; the lock makes concurrent callers wait for one build.
     """
@@ -349,7 +370,8 @@ def default_model_path(
     target = root / f"default-{spec.spec_hash()}"
     if not force and (target / BUILD_FILE).is_file():
         return target
-    if not build:
+    shipped = shipped_build(spec) if use_shipped and not force else None
+    if not build and shipped is None:
         raise FileNotFoundError(f"default model not built yet: {target} (run make base-model)")
     with _file_lock(root / f".default-{spec.spec_hash()}.lock"):
         if not force and (target / BUILD_FILE).is_file():
@@ -357,7 +379,11 @@ def default_model_path(
         tmp = root / f".building-{spec.spec_hash()}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            build_default_model(tmp, spec, progress=progress)
+            if shipped is not None:
+                shutil.copytree(shipped, tmp)
+                logger.info("default model: the shipped build (%s)", spec.spec_hash())
+            else:
+                build_default_model(tmp, spec, progress=progress)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -392,7 +418,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="build into this directory instead of the cache")
     p.add_argument("--seed", type=int, default=DefaultModelSpec.seed, help="build seed")
     p.add_argument("--cache-dir", type=Path, help="cache root (default $MTRL_CACHE or ~/.cache)")
-    p.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="build from scratch even if a cached or shipped build exists",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -443,4 +473,5 @@ __all__ = [
     "default_model_path",
     "load_model",
     "make_model",
+    "shipped_build",
 ]
