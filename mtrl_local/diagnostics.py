@@ -193,13 +193,23 @@ def check_reward_collapse(
     now = _mean(tail)
     if now > ratio * peak:
         return None
+    evidence: dict[str, Any] = {"peak": peak, "peak_step": peak_step, "recent_mean": now}
+    first_change = "max_steps_off_policy = 0; CISPO → PPO with ratio clip (0.8, 1.2)"
+    # Already on-policy (staleness 0) and no ratio was ever clipped: neither stale data nor a
+    # wide clip moved the policy, the step size did (measured: the default model at lr 5e-4
+    # lost its tool-call format within 3 steps).
+    staleness = [v for _, v in _clean(history.get(M.PERF_STALENESS_MEAN))]
+    clipped = [v for _, v in _clean(history.get(M.TRAIN_CLIP_FRAC))]
+    if staleness and clipped and max(staleness) == 0 and max(clipped) <= _EPS:
+        evidence |= {"max_staleness": 0.0, "max_clip_frac": max(clipped)}
+        first_change = "lower learning_rate (on-policy, nothing clipped: the step size did it)"
     return Finding(
         "reward_collapse",
         "error",
         tail[-1][0],
         f"{M.REWARD_MEAN} collapsed to {now:.3f} after a peak of {peak:.3f} at step {peak_step}",
-        {"peak": peak, "peak_step": peak_step, "recent_mean": now},
-        "max_steps_off_policy = 0; CISPO → PPO with ratio clip (0.8, 1.2)",
+        evidence,
+        first_change,
         "reward stabilises",
     )
 

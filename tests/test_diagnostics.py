@@ -94,6 +94,14 @@ def test_reward_collapse() -> None:
     assert f is not None and f.severity == "error" and f.evidence["peak_step"] == 49
     assert "max_steps_off_policy = 0" in f.first_change
     assert "reward_collapse" in codes(h)
+    # on-policy and nothing clipped (the collapse of a too-large step): lower the rate instead
+    on_policy = {**h, M.PERF_STALENESS_MEAN: series(lambda s: 0.0)}
+    on_policy[M.TRAIN_CLIP_FRAC] = series(lambda s: 0.0)
+    f = D.check_reward_collapse(on_policy)
+    assert f is not None and "lower learning_rate" in f.first_change
+    on_policy[M.TRAIN_CLIP_FRAC] = series(lambda s: 0.1)  # clipping happened: the usual advice
+    f = D.check_reward_collapse(on_policy)
+    assert f is not None and "max_steps_off_policy = 0" in f.first_change
     # a dip to half the peak is not a collapse
     h[M.REWARD_MEAN] = series(lambda s: 0.1 + 0.012 * s if s < 50 else 0.35)
     assert D.check_reward_collapse(h) is None
