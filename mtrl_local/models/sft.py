@@ -255,6 +255,23 @@ def _warmup_cosine(steps: int, warmup_steps: int) -> Any:
     return lr_at
 
 
+def _optimizer_step(
+    model: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+) -> float:
+    """One clipped AdamW step on ``(ids, labels)`` (labels -100 where untrained); the loss."""
+    loss = model(input_ids=ids, labels=labels).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.item())
+
+
 def train_induction(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -302,16 +319,11 @@ def train_induction(
     done, formed = 0, False
     for step in range(steps):
         x, y = induction_sequences(rng, symbols, fillers, markers, batch_size)
-        loss = model(input_ids=torch.tensor(x), labels=torch.tensor(y)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = _optimizer_step(model, opt, sched, torch.tensor(x), torch.tensor(y))
         done = step + 1
-        recent = [*recent[-19:], loss.item()]
+        recent = [*recent[-19:], loss]
         if step == 0 or done % 25 == 0:
-            losses.append(loss.item())
+            losses.append(loss)
             logger.info("induction step %d/%d loss %.4f", done, steps, losses[-1])
         if len(recent) == 20 and sum(recent) / 20 < target_loss:
             logger.info("induction head formed: mean loss %.3f at step %d", sum(recent) / 20, done)
@@ -377,14 +389,9 @@ def train_curriculum(
             ids[row, : len(x)] = torch.tensor(x)
             labels[row, : len(y)] = torch.tensor(y)
         n_tok += int(ids.numel())
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss = _optimizer_step(model, opt, sched, ids, labels)
         if step == 0 or (step + 1) % log_every == 0:
-            losses.append(loss.item())
+            losses.append(loss)
             logger.info("curriculum step %d/%d loss %.4f", step + 1, steps, losses[-1])
     model.eval()
     return PhaseResult(
