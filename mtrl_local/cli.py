@@ -278,6 +278,8 @@ def _cmd_train(args: argparse.Namespace, console: Console) -> int:
         baseline=not args.no_baseline,
         final_eval=not args.no_final_eval,
     )
+    if not report:  # not process 0 under accelerate launch: it reports
+        return 0
     eval_file = Path(report["run_dir"]) / "eval_test.json"
     if eval_file.is_file():
         console.print(format_table(EvalReport.load(eval_file), title=f"{cfg.task}: test split"))

@@ -124,6 +124,10 @@ class MultiTurnRLConfig:
     """Cap C of the truncated IS weight min(π_old/μ, C) between trainer and sampler; None = off."""
     beta: float = 0.0
     """KL (k3) coefficient to the reference model (the adapter disabled); 0 = no reference pass."""
+    num_iterations: int = 1
+    """Optimizer steps per batch (TRL's μ). 1: ``π_old`` is the policy itself, detached, so the
+    clip acts only through the sampler/trainer gap (and staleness); > 1: ``π_old`` is frozen at
+    the first pass and the later steps on the same batch are clipped against it (PPO epochs)."""
 
     # -- optimiser ------------------------------------------------------------------------------
     learning_rate: float = 1e-4
@@ -197,6 +201,8 @@ ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batc
 
 def check_config(cfg: MultiTurnRLConfig) -> None:
     """Cross-field rules; a :class:`UserError` naming the field."""
+    if cfg.num_iterations < 1:
+        raise UserError("config: num_iterations must be ≥ 1")
     if cfg.num_generations < 1:
         raise UserError("config: num_generations must be ≥ 1")
     if cfg.per_device_train_batch_size % cfg.num_generations:

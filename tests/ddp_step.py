@@ -1,9 +1,10 @@
 """One update step on a fixed batch, on one process or under ``accelerate launch`` (gloo).
 
 Usage: ``python tests/ddp_step.py MODEL_DIR OUT.pt`` or
-``accelerate launch --cpu --num_processes 2 tests/ddp_step.py MODEL_DIR OUT.pt``. Every process
-builds the same batch (scripted noisy expert through the real engine), keeps its shard of the
-groups, and runs :func:`update_policy`; rank 0 saves the updated parameters.
+``accelerate launch --multi_gpu --num_processes 2 tests/ddp_step.py MODEL_DIR OUT.pt`` (on a
+machine without CUDA this starts 2 CPU processes over gloo; ``--cpu`` would start only one).
+Every process builds the same batch (scripted noisy expert through the real engine), keeps its
+shard of the groups, and runs :func:`update_policy`; rank 0 saves the updated parameters.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ def main(model_dir: str, out: str) -> None:
         ctx, cfg, [trajectories[i] for i in mine], [advantages[i] for i in mine]
     )
     if state.is_main_process:
-        torch.save({"params": model.state_dict(), "metrics": metrics}, out)
+        torch.save(
+            {"params": model.state_dict(), "metrics": metrics, "world": state.num_processes}, out
+        )
     state.wait_for_everyone()
 
 

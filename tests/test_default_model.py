@@ -26,7 +26,7 @@ from mtrl_local.chat import (
     render,
 )
 from mtrl_local.models import default as default_mod
-from mtrl_local.models.curriculum import KINDS, curriculum, induction_sequences
+from mtrl_local.models.curriculum import KINDS, curriculum, induction_sequences, keyed_runs
 from mtrl_local.models.default import (
     BUILD_FILE,
     DefaultModelSpec,
@@ -44,6 +44,9 @@ TINY = DefaultModelSpec(
     induction_steps=2,
     induction_attempts=1,
     induction_batch_size=4,
+    keyed_steps=2,
+    keyed_batch_size=2,
+    keyed_width=96,
     curriculum_steps=2,
     curriculum_batch_size=4,
     sft_steps=2,
@@ -100,13 +103,38 @@ def test_induction_sequences_train_only_a_repeat_at_varying_distance() -> None:
     assert len(distances) > 10  # no fixed offset: a positional shortcut cannot solve it
 
 
+def test_keyed_runs_ask_for_one_record_that_is_in_the_window() -> None:
+    rng = random.Random(1)
+    digits, capitals = list(range(10, 20)), list(range(20, 44))  # capitals[0] plays "N"
+    fillers, markers = list(range(100, 400)), (5, 6)
+    inputs, labels = keyed_runs(rng, digits, capitals, fillers, markers, 300, width=256)
+    distances, tail_shaped = set(), 0
+    for x, y in zip(inputs, labels, strict=True):
+        assert len(x) == len(y) == 256
+        trained = [i for i, v in enumerate(y) if v != -100]
+        run = [x[i] for i in trained]
+        assert [y[i] for i in trained] == run and 4 <= len(run) <= 8
+        assert trained == list(range(trained[0], trained[-1] + 1))
+        assert x[trained[0] - 3] == 6 and x.count(6) == 1  # start marker, then the 2-token key
+        key = x[trained[0] - 2 : trained[0]]
+        # The key occurs once before the query, followed by exactly this run and the end marker.
+        earlier = [i for i in range(trained[0] - 3) if x[i : i + 2] == key]
+        assert len(earlier) == 1
+        i = earlier[0] + 2
+        assert x[i : i + len(run)] == run and x[i + len(run)] == 5
+        distances.add(trained[0] - i)
+        tail_shaped += run[0] == capitals[0] and len(run) == 6
+    assert len(distances) > 50 and max(distances) > 150  # far and varied
+    assert tail_shaped > 30
+
+
 # -- build -------------------------------------------------------------------------------------
 def test_build_is_a_loadable_hf_dir_with_our_chat_format(tiny_build: Path) -> None:
     assert (tiny_build / "model.safetensors").is_file()
     record = json.loads((tiny_build / BUILD_FILE).read_text())
     assert record["spec"]["hidden_size"] == 32
     assert record["spec_hash"] == TINY.spec_hash()
-    assert [p["name"] for p in record["phases"]] == ["induction", "curriculum", "sft"]
+    assert [p["name"] for p in record["phases"]] == ["induction", "keyed_runs", "curriculum", "sft"]
     assert {"torch", "transformers", "trl"} <= set(record["versions"])
 
     model, tok = load_model(tiny_build)

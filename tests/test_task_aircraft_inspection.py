@@ -232,6 +232,29 @@ def test_noisy_expert_fails_sometimes_with_every_kind(task: AircraftInspection) 
     assert all(e.noise_events for e in episodes if e.strict == 0.0)
 
 
+def test_early_answers_follow_sop_step_6_and_name_this_aircraft(task: AircraftInspection) -> None:
+    """The expert who stops early still answers consistently: ready = all three checks pass."""
+    import re
+
+    early = [e for e in task.noisy_episodes("train", rate=0.3) if "early_answer" in e.noise_events]
+    assert len(early) > 20
+    ready_seen = set()
+    for e in early:
+        text = e.messages[-1]["content"]
+        body = re.search(r"<(\w+)>(.*)</\1>", text, re.S)
+        assert body is not None
+        answer = json.loads(body.group(2))
+        verdicts_pass = (
+            answer["mechanical_inspection_result"] == "pass"
+            and answer["electrical_inspection_result"] == "pass"
+            and answer["cross_check_reporting_response"] == "consistent"
+        )
+        assert answer["aircraft_ready"] == verdicts_pass
+        ready_seen.add(answer["aircraft_ready"])
+        assert answer["tail_number"] == e.case.inputs["tail_number"]
+    assert True in ready_seen
+
+
 # -- data ----------------------------------------------------------------------------------------
 
 

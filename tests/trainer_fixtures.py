@@ -67,3 +67,12 @@ def noisy_expert_backend(
         return turns[turn] if turn < len(turns) else [tokenizer.eos_token_id]
 
     return ScriptedBackend(script, tokenizer.eos_token_id, logprob=-1.0)
+
+
+def digit_share_reward(messages: Any, ground_truth: Any, **_: Any) -> Any:
+    """A reward that differs between a random model's samples (the share of digits it wrote),
+    so that a run of the *real* sampler on the tiny model has advantages to learn from."""
+    from rewards.types import RewardResult
+
+    text = "".join(m.get("content") or "" for m in messages if m.get("role") == "assistant")
+    return RewardResult(sum(c.isdigit() for c in text) / max(len(text), 1), {})

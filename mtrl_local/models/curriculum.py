@@ -178,6 +178,68 @@ def induction_sequences(
     return inputs, labels
 
 
+def keyed_runs(
+    rng: random.Random,
+    digits: Sequence[int],
+    capitals: Sequence[int],
+    fillers: Sequence[int],
+    markers: tuple[int, int],
+    n: int,
+    width: int = 512,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """``n`` token-level keyed-retrieval sequences, each ``width`` long.
+
+    The stage after :func:`induction_sequences`. Each sequence holds 4–12 records
+    ``filler · key · run · end`` (a key is two filler tokens; a run is 4–8 digits and capitals,
+    a third of them shaped like a tail number ``N`` + 3 digits + 2 capitals), then a query
+    ``start · key`` whose answer is that key's run, hundreds of tokens back. Only the answer is
+    trained. ``capitals[0]`` is the tail-number prefix (``N``).
+
+    Why: after the induction stage the model copied an id that follows a unique context (the
+    aircraft id after ``"aircraft_id": "``) but not a tail number from a tool result ~1k tokens
+    back: digits right, the two capitals wrong in every test case. With a one-token match, the
+    token after ``N565`` is ambiguous wherever ``5`` also occurs (weights, voltages, serials).
+    Runs drawn from the same few symbols, among stray digits, make a one-token match useless;
+    retrieval must key on the record and the run so far. Measured: 200 steps of this, then 150
+    SFT steps, raised teacher-forced exact tail numbers on the aircraft test split from 0.00 to
+    0.75; the same 150 SFT steps alone left them at 0.00.
+    """
+    end, start = markers
+    letters = list(capitals)
+    inputs: list[list[int]] = []
+    labels: list[list[int]] = []
+    for _ in range(n):
+        k = rng.randint(4, 12)
+        keys = rng.sample(list(fillers), 2 * k)
+        records: list[tuple[int, list[int], list[int]]] = []  # (position of key, key, run)
+        ids: list[int] = []
+        for i in range(k):
+            shape = rng.randrange(3)
+            if shape == 0:
+                run = [capitals[0], *rng.choices(digits, k=3), *rng.choices(letters, k=2)]
+            elif shape == 1:
+                run = [*rng.choices(letters, k=2), *rng.choices(digits, k=5)]
+            else:
+                run = rng.choices([*digits, *capitals], k=rng.randint(4, 8))
+            key = keys[2 * i : 2 * i + 2]
+            ids += rng.choices(fillers, k=rng.randint(0, 40))
+            ids += rng.choices(digits, k=rng.randint(0, 6))  # stray digits: numbers in the text
+            records.append((len(ids), key, run))
+            ids += [*key, *run, end]
+        ids += [*rng.choices(fillers, k=rng.randint(0, 40)), start]
+        # Ask for a record that stays inside the last ``width`` tokens once the answer is added.
+        rng.shuffle(records)
+        _, key, run = next(r for r in records if r[0] >= len(ids) + len(r[1]) + len(r[2]) - width)
+        ids += key
+        lab = [-100] * len(ids) + run
+        ids += run
+        ids, lab = ids[-width:], lab[-width:]
+        pad = width - len(ids)
+        inputs.append(ids + [end] * pad)
+        labels.append(lab + [-100] * pad)
+    return inputs, labels
+
+
 def curriculum(n: int, seed: int = 0) -> Iterator[CopyExample]:
     """``n`` examples cycling through :data:`CYCLE`, deterministic given ``seed``."""
     rng = random.Random(seed)
@@ -192,6 +254,7 @@ __all__ = [
     "copy_id_example",
     "curriculum",
     "induction_sequences",
+    "keyed_runs",
     "lookup_example",
     "random_id",
     "repeat_example",

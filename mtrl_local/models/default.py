@@ -6,9 +6,10 @@ the toolkit builds its own starting point on the CPU:
 1. a byte-level BPE tokenizer trained on the suite's own text (SOPs, tool schemas and train-split
    trajectories; one token per digit and per capital, :mod:`mtrl_local.models.tokenizer`);
 2. a randomly initialised ``LlamaForCausalLM`` of ~0.75M parameters (hidden 128, 2 layers);
-3. a token-level induction stage, restarted from a fresh init while it stalls, then a text copy
-   curriculum (:mod:`mtrl_local.models.curriculum`) — without them a tiny model does not learn to
-   copy an id from the user message into a tool call;
+3. a token-level induction stage, restarted from a fresh init while it stalls, a token-level
+   keyed retrieval of id-like runs, then a text copy curriculum
+   (:mod:`mtrl_local.models.curriculum`) — without them a tiny model does not learn to copy an
+   id from the user message into a tool call, nor a tail number out of a tool result;
 4. a warm start with TRL's ``SFTTrainer(assistant_only_loss=True)`` on noisy-expert
    demonstrations of the **train** split of every task (:mod:`mtrl_local.models.sft`).
 
@@ -74,6 +75,7 @@ from mtrl_local.models.sft import (
     suite_texts,
     train_curriculum,
     train_induction,
+    train_keyed_runs,
     train_phase,
 )
 from mtrl_local.models.tokenizer import train_tokenizer
@@ -81,7 +83,7 @@ from mtrl_local.models.tokenizer import train_tokenizer
 logger = logging.getLogger(__name__)
 
 #: Bumped when the build procedure changes in a way the spec does not show (invalidates caches).
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 BUILD_FILE = "mtrl_build.json"
 
 
@@ -117,6 +119,13 @@ class DefaultModelSpec:
     """The copy stage stops once its loss (mean of 20 steps) is below this: the head formed."""
     induction_batch_size: int = 32
     """Sequences per induction step."""
+    keyed_steps: int = 200
+    """Optimizer steps of keyed retrieval of id-like runs (``curriculum.keyed_runs``), right
+    after the induction stage; 0 skips it. Without it tail numbers were never copied exactly."""
+    keyed_batch_size: int = 16
+    """Sequences per keyed-retrieval step."""
+    keyed_width: int = 512
+    """Tokens per keyed-retrieval sequence (answers sit up to ~500 tokens after their record)."""
     curriculum_steps: int = 200
     """Optimizer steps of the copy curriculum."""
     curriculum_batch_size: int = 32
@@ -239,6 +248,19 @@ def build_default_model(
             logger.warning("induction head not formed (attempt %d): new init", attempt + 1)
         n_params = sum(p.numel() for p in model.parameters())
         logger.info("model: %s, %d parameters", type(model).__name__, n_params)
+        if spec.keyed_steps > 0:
+            _seed_everything(spec.seed)
+            phases.append(
+                train_keyed_runs(
+                    model,
+                    tokenizer,
+                    steps=spec.keyed_steps,
+                    batch_size=spec.keyed_batch_size,
+                    width=spec.keyed_width,
+                    learning_rate=spec.learning_rate,
+                    seed=spec.seed,
+                )
+            )
         _seed_everything(spec.seed)
         with tempfile.TemporaryDirectory(prefix="mtrl-build-") as work:
             phases += [

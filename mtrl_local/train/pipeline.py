@@ -37,11 +37,24 @@ def run_pipeline(
     final_eval: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Baseline → train → final evaluation; returns the final report (also written to disk)."""
+    """Baseline → train → final evaluation; returns the final report (also written to disk).
+
+    Under ``accelerate launch`` every process trains; only process 0 evaluates, writes and
+    returns the report (the others return ``{}`` once it is done).
+    """
     from mtrl_local.evaluate import EvalReport, ModelResult
+    from mtrl_local.train import distributed as dd
     from mtrl_local.train.trainer import Trainer
 
     trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
+    if not trainer.dist.main:
+        try:
+            dd.barrier(trainer.dist)  # process 0's baseline
+            trainer.train()
+            dd.barrier(trainer.dist)  # process 0's final evaluation and export
+            return {}
+        finally:
+            trainer.close()
     try:
         store = trainer.store
         base_summary: dict[str, Any] | None = None
@@ -60,6 +73,7 @@ def run_pipeline(
                     "the base model scores 0 on test: RL amplifies what the model can already do "
                     "— simplify the task or warm-start the model first (DESIGN.md §1.4)"
                 )
+        dd.barrier(trainer.dist)
         state = trainer.train()
         report: dict[str, Any] = {
             "run_dir": str(trainer.run_dir),
@@ -85,6 +99,7 @@ def run_pipeline(
         path = trainer.run_dir / REPORT_FILE
         path.write_text(json.dumps(report, indent=2, default=str) + "\n")
         trainer.tracker.log_artifact(path)
+        dd.barrier(trainer.dist)
         return report
     finally:
         trainer.close()

@@ -12,9 +12,11 @@ Each step (DESIGN.md §3, §5–§10):
 5. hand the new weights to the sampler; log every §9 metric to the run store and MLflow; run the
    §10 diagnostics; evaluate on val every ``eval_steps``; checkpoint every ``save_steps``.
 
-Departures, on purpose: one update per batch (no PPO epochs), so ``π_old`` is the policy's own
-logprobs detached and the clip acts only through the sampler/trainer gap; trajectories with zero
-advantage on every token are not run through the model when ``beta = 0`` (they add no gradient).
+By default one update per batch (``num_iterations = 1``), so ``π_old`` is the policy's own
+logprobs detached and the clip acts only through the sampler/trainer gap; with
+``num_iterations`` > 1 (PPO epochs) ``π_old`` is frozen at the first pass and the later steps
+are clipped against it. Trajectories with zero advantage on every token are not run through the
+model when ``beta = 0`` (they add no gradient).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from mtrl_local.advantages import compute_advantages, group_by
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.errors import UserError
 from mtrl_local.rollout.backend import GenerationBackend, SamplingParams
+from mtrl_local.train import distributed as dd
 from mtrl_local.train.checkpoint import (
     TrainState,
     latest_checkpoint,
@@ -47,13 +50,15 @@ from mtrl_local.train.policy import (
     Reference,
     export_model,
     load_policy,
-    pick_device,
     resolve_model_path,
     trainable_parameters,
 )
 from mtrl_local.train.rollouts import BatchSource, RolloutBatch, RolloutSource
 from mtrl_local.train.update import UpdateContext, update_policy
 from mtrl_local.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from mtrl_local.store import RunStore
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +96,14 @@ class Trainer:
         from sopbench import get_task
 
         self.cfg = cfg
-        self.progress = progress
         self.task = get_task(cfg.task)
         self.reward_fn = load_reward(cfg.reward)
-        self.device = pick_device()
+        # Under ``accelerate launch`` with several processes: data-parallel, process 0 writes.
+        self.dist = dd.setup(cpu=not torch.cuda.is_available())
+        if self.dist.active:
+            self._check_distributed(cfg, source_factory is not None)
+        self.progress = progress and self.dist.main
+        self.device = dd.device_for(self.dist)
         _seed_all(cfg.seed)
         self.model_path = resolve_model_path(cfg.model, progress=progress)
         self.model, self.tokenizer = load_policy(cfg, self.model_path, self.device)
@@ -111,31 +120,42 @@ class Trainer:
         self.train_cases = self.task.cases("train")
         self.check_context_budget()
 
-        self.run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        # Every process must agree on the directory (a timestamped name could differ by a second).
+        self.run_dir = dd.broadcast(
+            self.dist, Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+        )
         self.state = TrainState()
+        self._store: RunStore | None = None
+        exists = (self.run_dir / "run.sqlite").exists()
+        dd.barrier(self.dist)  # all have looked before process 0 creates it
+        if not resume and exists:
+            raise UserError(f"{self.run_dir}: a run exists there; use --resume to continue it")
         if resume:
-            self.store = RunStore.open(self.run_dir)
             ckpt = latest_checkpoint(self.run_dir)
             if ckpt is not None:
                 self.state = restore_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
                 logger.info("resumed from %s (step %d)", ckpt, self.state.step)
-            self.store.record_config(asdict(cfg), "resume")
-        else:
-            if (self.run_dir / "run.sqlite").exists():
-                raise UserError(f"{self.run_dir}: a run exists there; use --resume to continue it")
+            if self.dist.main:
+                self._store = RunStore.open(self.run_dir)
+                self._store.record_config(asdict(cfg), "resume")
+        elif self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            self.store = RunStore.create(self.run_dir, self.run_dir.name, cfg.task, asdict(cfg))
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+            self._store = RunStore.create(self.run_dir, self.run_dir.name, cfg.task, asdict(cfg))
+        if self.dist.main:
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
         self.tracker = MlflowTracker(
             self.run_dir,
             tracking_uri=cfg.tracking_uri,
             run_name=self.run_dir.name,
             resume=resume,
-            enabled=cfg.mlflow,
+            enabled=cfg.mlflow and self.dist.main,
         )
         self.tracker.log_params(asdict(cfg))
         self.tracker.log_artifact(self.run_dir / CONFIG_FILE)
-        logger.info("resolved config: %s", json.dumps(asdict(cfg), sort_keys=True))
+        if self.dist.main:
+            logger.info("resolved config: %s", json.dumps(asdict(cfg), sort_keys=True))
+            if self.dist.active:
+                logger.info("data-parallel over %d processes", self.dist.world)
 
         self.sampling = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.sampling_max_tokens
@@ -153,13 +173,38 @@ class Trainer:
             sampling=self.sampling,
             max_turns=self.max_turns,
             reward_fn=self.reward_fn,
-            pick_cases=self.pick_cases,
+            pick_cases=self._pick_shard,
             seed_for_step=lambda step: cfg.seed * 1_000_003 + step,
             max_steps_off_policy=cfg.async_config.max_steps_off_policy,
             device=self.device,
             max_batch=cfg.per_device_train_batch_size,
             backend=rollout_backend,
         )
+
+    @property
+    def store(self) -> RunStore:
+        """The run store (process 0 only: the other processes never write)."""
+        if self._store is None:
+            raise RuntimeError(f"process {self.dist.rank} has no run store; only process 0 writes")
+        return self._store
+
+    @staticmethod
+    def _check_distributed(cfg: MultiTurnRLConfig, agent: bool) -> None:
+        world = dd.requested_world()
+        if agent:
+            raise UserError("train --agent-cmd runs in one process; start it without accelerate")
+        if cfg.async_config.max_steps_off_policy > 0:
+            raise UserError(
+                "config: async_config.max_steps_off_policy > 0 needs one process (each process "
+                "would drop stale batches on its own and the optimizer steps would fall out of "
+                "step); set it to 0 under accelerate launch"
+            )
+        if cfg.prompts_per_step % world:
+            raise UserError(
+                f"config: {cfg.prompts_per_step} prompts per step "
+                "(per_device_train_batch_size / num_generations) do not split evenly over "
+                f"{world} processes"
+            )
 
     # -- data --------------------------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -178,6 +223,11 @@ class Trainer:
             cases.append(self.train_cases[order[position]])
             position += 1
         return cases, position, epoch
+
+    def _pick_shard(self, position: int, epoch: int) -> tuple[list[Any], int, int]:
+        """This process's share of the step's cases (all of them with one process)."""
+        cases, position, epoch = self.pick_cases(position, epoch)
+        return dd.shard(self.dist, cases), position, epoch
 
     # -- checks ------------------------------------------------------------------------------------
     def check_context_budget(self) -> None:
@@ -309,8 +359,10 @@ class Trainer:
 
         cfg = self.cfg
         state = self.state
-        self.store.set_status("running")
-        if state.step == 0 and cfg.eval_steps > 0:
+        main = self.dist.main
+        if main:
+            self.store.set_status("running")
+        if main and state.step == 0 and cfg.eval_steps > 0:
             val = self._log_val(0)
             self.store.log_metrics(0, val)
             self.tracker.log_metrics(0, val)
@@ -334,6 +386,18 @@ class Trainer:
                 state.data_position, state.epoch = batch.data_position, batch.epoch
                 state.dropped_stale = self.source.dropped
                 self.source.update_weights(self.model, state.policy_version)
+                new_tokens, rollout_s = batch.new_tokens, batch.wall_s
+                if self.dist.active:
+                    # Process 0 logs and stores the whole batch: every process's episodes.
+                    parts = dd.gather(
+                        self.dist, (trajectories, sorted(zero_groups), new_tokens, rollout_s)
+                    )
+                    trajectories = [t for part in parts for t in part[0]]
+                    zero_groups = {g for part in parts for g in part[1]}
+                    new_tokens = sum(part[2] for part in parts)
+                    rollout_s = max(part[3] for part in parts)
+                if not main:
+                    continue
 
                 metrics.update(
                     rollout_metrics(
@@ -350,7 +414,7 @@ class Trainer:
                 metrics.update(
                     {
                         "perf/step_s": step_s,
-                        "perf/rollout_tokens_per_s": batch.new_tokens / max(batch.wall_s, 1e-9),
+                        "perf/rollout_tokens_per_s": new_tokens / max(rollout_s, 1e-9),
                         "perf/train_tokens_per_s": metrics.get("train/tokens", 0.0)
                         / max(train_s, 1e-9),
                         "perf/staleness_mean": float((state.step - 1) - batch.policy_version),
@@ -380,13 +444,15 @@ class Trainer:
                         step_s=f"{step_s:.1f}",
                     )
         except BaseException:
-            self.store.set_status("failed")
+            if main:
+                self.store.set_status("failed")
             raise
         finally:
             self.source.close()
             if bar is not None:
                 bar.close()
-        self.store.set_status("finished")
+        if main:
+            self.store.set_status("finished")
         return state
 
     def _trace_sample(self, trajectories: Sequence[Trajectory], step: int) -> None:
@@ -406,4 +472,5 @@ class Trainer:
 
     def close(self) -> None:
         self.tracker.close()
-        self.store.close()
+        if self._store is not None:
+            self._store.close()

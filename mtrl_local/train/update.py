@@ -64,7 +64,8 @@ def update_policy(
     trajectories: Sequence[Trajectory],
     advantages: Sequence[torch.Tensor],
 ) -> dict[str, float]:
-    """One optimizer step over (this process's shard of) the batch; the ``train/*`` metrics."""
+    """``num_iterations`` optimizer steps over (this process's shard of) the batch; the
+    ``train/*`` metrics (averaged over the iterations)."""
     examples = build_examples(trajectories, advantages, keep_zero_advantage=cfg.beta > 0)
     lr = float(ctx.scheduler.get_last_lr()[0])
     local_tokens = float(sum(e.n_loss_tokens for e in examples))
@@ -75,78 +76,92 @@ def update_policy(
     if num_tokens == 0:
         # Every group scored the same everywhere: nothing to learn; the step still counts (an
         # optimizer step without gradients changes nothing and keeps the schedule in order).
-        ctx.optimizer.step()
-        ctx.scheduler.step()
+        for _ in range(max(cfg.num_iterations, 1)):
+            ctx.optimizer.step()
+            ctx.scheduler.step()
         metrics.update({"train/loss": 0.0, "train/grad_norm": 0.0, "train/tokens": 0.0})
         return metrics
     ctx.model.train()
     sums: dict[str, float] = {}
     total_tokens = 0
+    grad_norms: list[float] = []
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16)
-    for indices in micro_batches(examples, cfg.micro_batch_tokens):
-        batch = collate([examples[i] for i in indices], ctx.pad_id)
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        total_tokens += int(batch["attention_mask"].sum())
-        with autocast:
-            logprobs, entropy = token_logprobs(
-                ctx.model,
-                batch["input_ids"],
-                batch["attention_mask"],
+    chunks = list(micro_batches(examples, cfg.micro_batch_tokens))
+    #: π_old per micro-batch: the policy's logprobs on the first pass, frozen for later passes.
+    frozen: dict[int, torch.Tensor] = {}
+    iterations = max(cfg.num_iterations, 1)
+    for iteration in range(iterations):
+        ctx.optimizer.zero_grad(set_to_none=True)
+        for chunk, indices in enumerate(chunks):
+            batch = collate([examples[i] for i in indices], ctx.pad_id)
+            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+            total_tokens += int(batch["attention_mask"].sum())
+            with autocast:
+                logprobs, entropy = token_logprobs(
+                    ctx.model,
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    batch["loss_mask"],
+                    with_entropy=True,
+                )
+                ref = None
+                if ctx.reference is not None:
+                    with torch.no_grad(), ctx.reference.module() as ref_model:
+                        ref, _ = token_logprobs(
+                            ref_model,
+                            batch["input_ids"],
+                            batch["attention_mask"],
+                            batch["loss_mask"],
+                        )
+            old = frozen.setdefault(chunk, logprobs.detach())
+            loss, loss_metrics = policy_loss(
+                cfg.loss_type,
+                logprobs,
+                old,
+                batch["advantages"],
                 batch["loss_mask"],
-                with_entropy=True,
+                behaviour_logprobs=batch["behaviour_logprobs"],
+                ref_logprobs=ref,
+                beta=cfg.beta,
+                epsilon_low=cfg.epsilon_low,
+                epsilon_high=cfg.resolved_epsilon_high,
+                is_cap=cfg.is_cap,
+                tis_cap=cfg.tis_cap,
+                aggregation=cfg.loss_aggregation,
+                num_tokens=num_tokens,
+                num_sequences=num_sequences,
             )
-            ref = None
-            if ctx.reference is not None:
-                with torch.no_grad(), ctx.reference.module() as ref_model:
-                    ref, _ = token_logprobs(
-                        ref_model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
-                    )
-        loss, loss_metrics = policy_loss(
-            cfg.loss_type,
-            logprobs,
-            logprobs.detach(),  # one update per batch: π_old is the current policy, detached
-            batch["advantages"],
-            batch["loss_mask"],
-            behaviour_logprobs=batch["behaviour_logprobs"],
-            ref_logprobs=ref,
-            beta=cfg.beta,
-            epsilon_low=cfg.epsilon_low,
-            epsilon_high=cfg.resolved_epsilon_high,
-            is_cap=cfg.is_cap,
-            tis_cap=cfg.tis_cap,
-            aggregation=cfg.loss_aggregation,
-            num_tokens=num_tokens,
-            num_sequences=num_sequences,
-        )
-        loss.backward()
-        share = float(batch["loss_mask"].sum()) / num_tokens  # this micro-batch's token weight
-        for name, value in loss_metrics.items():
-            if name == "loss":  # already normalised globally: the parts add up
-                sums["train/loss"] = sums.get("train/loss", 0.0) + float(value)
-            else:
-                sums[f"train/{name}"] = sums.get(f"train/{name}", 0.0) + float(value) * share
-        if entropy is not None:
-            mask = batch["loss_mask"]
-            ent = float((entropy * mask).sum() / mask.sum().clamp(min=1))
-            sums["train/entropy"] = sums.get("train/entropy", 0.0) + ent * share
+            loss.backward()
+            # This micro-batch's token weight, averaged over the iterations.
+            share = float(batch["loss_mask"].sum()) / num_tokens / iterations
+            for name, value in loss_metrics.items():
+                key = f"train/{name}"
+                weight = 1.0 / iterations if name == "loss" else share  # loss: globally normalised
+                sums[key] = sums.get(key, 0.0) + float(value) * weight
+            if entropy is not None:
+                mask = batch["loss_mask"]
+                ent = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+                sums["train/entropy"] = sums.get("train/entropy", 0.0) + ent * share
+        if distributed():
+            for p in ctx.params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
+        grad_norms.append(float(grad_norm))
+        if torch.isfinite(grad_norm):
+            ctx.optimizer.step()
+        else:
+            logger.warning("non-finite gradient norm: update skipped (iteration %d)", iteration)
+            ctx.optimizer.zero_grad(set_to_none=True)
+            ctx.optimizer.step()
+        ctx.scheduler.step()
     if distributed():
-        for p in ctx.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
         for key in list(sums):
             sums[key] = _all_sum(sums[key], ctx.device)
-    grad_norm = torch.nn.utils.clip_grad_norm_(ctx.params, cfg.max_grad_norm)
-    if torch.isfinite(grad_norm):
-        ctx.optimizer.step()
-    else:
-        logger.warning("non-finite gradient norm: update skipped")
-        ctx.optimizer.zero_grad(set_to_none=True)
-        ctx.optimizer.step()
-    ctx.scheduler.step()
     ctx.model.eval()
     metrics.update(sums)
-    metrics["train/grad_norm"] = float(grad_norm)
+    metrics["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["train/tokens"] = _all_sum(float(total_tokens), ctx.device)
     metrics.setdefault("train/kl", 0.0)
     return metrics

@@ -363,6 +363,27 @@ class AircraftInspection(Task):
     def check_inputs(self, inputs: dict[str, Any]) -> str | None:
         return rules.check_inputs(inputs)
 
+    def guess_answer(self, case: Case) -> dict[str, Any]:
+        """The early-stopping expert's answer: the usual verdicts, never self-contradictory.
+
+        The generic guess (each field's most common value) says "pass, pass, consistent" with
+        ``aircraft_ready: false`` (each field's majority alone), which contradicts SOP step 6:
+        ready means all three pass. Measured on the 900 aircraft demonstrations of the default
+        model's build: 89 early answers, so 84 of the 339 all-pass answers said "not ready"; the
+        model trained on them answered ``false`` in every one of 83 answered test cases. Here
+        ``aircraft_ready`` follows the guessed verdicts, and the tail number is that of the
+        aircraft the expert is inspecting (the generic guess wrote one fixed tail number into
+        each early answer, which teaches reciting instead of copying).
+        """
+        guess = dict(self._majority_answer())
+        guess["tail_number"] = case.inputs["tail_number"]
+        guess["aircraft_ready"] = (
+            guess["mechanical_inspection_result"] == "pass"
+            and guess["electrical_inspection_result"] == "pass"
+            and guess["cross_check_reporting_response"] == "consistent"
+        )
+        return guess
+
     def reference_policy(self, case: Case, noise: Noise) -> Policy:
         """Walk the SOP reading only tool results; with noise, skip checks and misread values."""
         arg = {"aircraft_id": case.inputs["aircraft_id"]}
