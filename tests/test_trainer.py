@@ -290,15 +290,18 @@ def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path:
     assert (a["world"], b["world"]) == (1, 2)  # the launch really ran two processes
     assert a["metrics"]["train/sequences"] == b["metrics"]["train/sequences"] > 0
     assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
-    moved = 0
-    for name, value in a["params"].items():
-        torch.testing.assert_close(value, b["params"][name], atol=1e-6, rtol=1e-5)
     from mtrl_local.models.default import load_model
 
     start, _ = load_model(tiny_model)
-    for name, value in start.state_dict().items():
-        moved += int(not torch.equal(value, a["params"][name]))
-    assert moved > 0, "the step changed nothing: the comparison would be vacuous"
+    p0 = start.state_dict()
+    keys = list(a["params"])
+    moved = torch.cat([(a["params"][k] - p0[k]).flatten() for k in keys]).norm()
+    apart = torch.cat([(b["params"][k] - a["params"][k]).flatten() for k in keys]).norm()
+    assert moved > 0.1, "the step changed nothing: the comparison would be vacuous"
+    # Two processes sum gradients in another order; Adam turns a rounding difference into a
+    # visible change of a weight whose gradient is near zero (seen: 1 of 19,200 weights off by
+    # 2e-6): compare the runs against the size of the update.
+    assert apart < 1e-3 * moved, (float(apart), float(moved))
 
 
 def _episodes(db: Path) -> dict[tuple[int, str, int], tuple[str, str, float]]:
