@@ -58,7 +58,7 @@ RUN ?=
 RECIPE ?= recipes/default.toml
 ARGS ?=
 
-base-model:  ## rebuild the embedded default model from scratch into the cache (~26 min on 2 cores)
+base-model:  ## rebuild the embedded default model from scratch into the cache (~24 min on 2 cores)
 	$(PY) -m mtrl_local.models.default --force
 
 baseline:  ## the base model on the test split: make baseline TASK=…

@@ -270,5 +270,5 @@ def test_the_shipped_default_model_has_a_foothold() -> None:
     strict=True,
 )
 def test_a_rebuilt_default_model_has_a_foothold(tmp_path: Path) -> None:
-    """The default spec rebuilt from scratch (~26 min on 2 idle cores), then the same check."""
+    """The default spec rebuilt from scratch (~24 min on 2 idle cores), then the same check."""
     assert_foothold(build_default_model(tmp_path / "default", DefaultModelSpec(), progress=False))

@@ -23,7 +23,7 @@ are well-formed calls in 99 % (greedy) / 93 % (temperature 1), ids and tail numb
 verdict fields are not read from the tool results: greedy answers are the majority values
 ("pass", "pass", "consistent", ``aircraft_ready: false``) in 93 of 94 answers, so strict TSR is
 **0.00 greedy and 0.03 at temperature 1: the foothold target (5–50 %) is not reached.**
-The build takes ~26 minutes on 2 idle cores; its output is shipped (:data:`SHIPPED_DIR`).
+The build takes ~24 minutes on 2 idle cores; its output is shipped (:data:`SHIPPED_DIR`).
 
 Budgets are in optimizer steps (deterministic given the seed). ``default_model_path()`` caches
 the model under ``$MTRL_CACHE`` (or ``~/.cache/mtrl-local``), keyed by a hash of the spec, from the
@@ -357,7 +357,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 #: A build of the default spec shipped with the package (weights ~3 MB), so that a fresh clone
-#: evaluates and trains without first spending the build's ~26 CPU minutes. Used only when its
+#: evaluates and trains without first spending the build's ~24 CPU minutes. Used only when its
 #: recorded spec hash is the one asked for; ``make base-model`` rebuilds it from scratch.
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped"
 
