@@ -249,6 +249,23 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
     assert (run_dir / "checkpoints" / "step-000006").is_dir()
 
 
+#: ``accelerate launch`` of 2 processes. ``--multi_gpu`` selects the torchrun launcher, which on a
+#: machine without CUDA starts 2 CPU processes over gloo; ``--cpu`` would start only one.
+TWO_PROCESSES = [
+    str(Path(sys.executable).with_name("accelerate")),
+    "launch",
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
 def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path: Path) -> None:
     """`accelerate launch` with 2 CPU processes (gloo) = one process on the whole batch."""
     script = str(Path(__file__).with_name("ddp_step.py"))
@@ -261,24 +278,8 @@ def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path:
         check=False,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run(
-        [
-            accelerate,
-            "launch",
-            "--multi_gpu",  # the torchrun launcher; on CPU it starts 2 gloo processes
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            script,
-            str(tiny_model),
-            str(double),
-        ],
+        [*TWO_PROCESSES, script, str(tiny_model), str(double)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -345,9 +346,7 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
         check=False,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mtrl_local.cli"]
+    launch = [*TWO_PROCESSES, "-m", "mtrl_local.cli"]
     two = subprocess.run(
         [*launch, *train, "--run-name", "two"],
         capture_output=True,
@@ -381,9 +380,7 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
 def test_accelerate_launch_refuses_async_and_uneven_splits(
     tiny_model: Path, tmp_path: Path
 ) -> None:
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    launch = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mtrl_local.cli"]
+    launch = [*TWO_PROCESSES, "-m", "mtrl_local.cli"]
     base = ["train", "--model", str(tiny_model), "--output-dir", str(tmp_path), "--no-baseline"]
     base += ["--no-final-eval", "mlflow=false", "max_steps=1", "num_generations=2"]
     for extra, message in [
