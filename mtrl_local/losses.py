@@ -240,9 +240,13 @@ def get_loss_fn(name: str) -> LossFn:
 
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:  # (B, T)
     """Schulman's k3 estimator of KL(πθ ‖ π_ref) per token, ≥ 0 and unbiased under πθ samples:
-    ``exp(ref − logp) − (ref − logp) − 1``. Gradient flows through ``logprobs``."""
+    ``exp(ref − logp) − (ref − logp) − 1``. Gradient flows through ``logprobs``.
+
+    Computed as ``expm1(δ) − δ``: in float32 ``exp(δ) − δ − 1`` rounds to a small negative
+    number for |δ| ~ 1e-6 (found by the property test: −6e-8 at δ = 1e-6); the clamp keeps the
+    last ulp of rounding from making it negative."""
     delta = ref_logprobs - logprobs  # (B, T)
-    return torch.exp(delta) - delta - 1
+    return (torch.expm1(delta) - delta).clamp_min(0.0)
 
 
 def policy_loss(

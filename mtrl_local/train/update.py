@@ -86,15 +86,20 @@ def update_policy(
     total_tokens = 0
     grad_norms: list[float] = []
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16)
-    chunks = list(micro_batches(examples, cfg.micro_batch_tokens))
+    # Collated once: every iteration runs the same micro-batches.
+    chunks = [
+        {
+            k: v.to(ctx.device)
+            for k, v in collate([examples[i] for i in indices], ctx.pad_id).items()
+        }
+        for indices in micro_batches(examples, cfg.micro_batch_tokens)
+    ]
     #: π_old per micro-batch: the policy's logprobs on the first pass, frozen for later passes.
     frozen: dict[int, torch.Tensor] = {}
     iterations = max(cfg.num_iterations, 1)
     for iteration in range(iterations):
         ctx.optimizer.zero_grad(set_to_none=True)
-        for chunk, indices in enumerate(chunks):
-            batch = collate([examples[i] for i in indices], ctx.pad_id)
-            batch = {k: v.to(ctx.device) for k, v in batch.items()}
+        for chunk, batch in enumerate(chunks):
             total_tokens += int(batch["attention_mask"].sum())
             with autocast:
                 logprobs, entropy = token_logprobs(

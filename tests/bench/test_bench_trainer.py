@@ -86,6 +86,7 @@ from mtrl_local.chat import encode_prompt
 from mtrl_local.config import load_config
 from mtrl_local.models import train_tokenizer
 from mtrl_local.models.default import DefaultModelSpec, make_model
+from mtrl_local.models.sft import _optimizer_step
 from mtrl_local.train.policy import trainable_parameters
 from mtrl_local.train.trainer import Trainer
 from mtrl_local.train.update import UpdateContext, update_policy
@@ -154,13 +155,7 @@ def warm_up(model: torch.nn.Module, tok: PreTrainedTokenizerBase, steps: int) ->
     started = time.perf_counter()
     for step in range(steps):
         ids, labels = rows[step % len(rows)]
-        loss = model(input_ids=ids, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(model, opt, sched, ids, labels))
     model.eval()
     tail = losses[-20:] or [float("nan")]
     return {
