@@ -1,14 +1,16 @@
 """One update step on a fixed batch, on one process or under ``accelerate launch`` (gloo).
 
-Usage: ``python tests/ddp_step.py MODEL_DIR OUT.pt`` or
+Usage: ``python tests/ddp_step.py MODEL_DIR OUT.pt [CONFIG_JSON]`` or
 ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_step.py MODEL_DIR OUT.pt`` (on a
 machine without CUDA this starts 2 CPU processes over gloo; ``--cpu`` would start only one).
 Every process builds the same batch (scripted noisy expert through the real engine), keeps its
 shard of the groups, and runs :func:`update_policy`; rank 0 saves the updated parameters.
+``CONFIG_JSON`` overrides config fields (e.g. ``{"micro_batch_rows": 16}``).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def main(model_dir: str, out: str) -> None:
+def main(model_dir: str, out: str, overrides: str = "{}") -> None:
     from accelerate import PartialState
 
     from mtrl_local.advantages import compute_advantages, group_by
@@ -45,7 +47,15 @@ def main(model_dir: str, out: str) -> None:
     groups = group_by(trajectories)
     advantages = compute_advantages([t.reward for t in trajectories], groups).advantages
     mine = [i for g in groups[state.process_index :: state.num_processes] for i in g]
-    cfg = load_config(None, {"model": model_dir, "learning_rate": 1e-2, "micro_batch_tokens": 4096})
+    cfg = load_config(
+        None,
+        {
+            "model": model_dir,
+            "learning_rate": 1e-2,
+            "micro_batch_tokens": 4096,
+            **json.loads(overrides),
+        },
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
@@ -63,4 +73,4 @@ def main(model_dir: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
 
 from mtrl_local.chat import (
+    ASSISTANT_HEADER,
     CHAT_TEMPLATE,
     IM_END,
     RESPONSE_TEMPLATE,
@@ -26,7 +27,15 @@ from mtrl_local.chat import (
     render,
 )
 from mtrl_local.models import default as default_mod
-from mtrl_local.models.curriculum import KINDS, curriculum, induction_sequences, keyed_runs
+from mtrl_local.models import sft as sft_mod
+from mtrl_local.models.curriculum import (
+    KINDS,
+    VERDICTS,
+    curriculum,
+    induction_sequences,
+    keyed_runs,
+    verdict_answer,
+)
 from mtrl_local.models.default import (
     BUILD_FILE,
     DefaultModelSpec,
@@ -51,6 +60,10 @@ TINY = DefaultModelSpec(
     curriculum_batch_size=4,
     sft_steps=2,
     sft_batch_size=1,
+    verdict_steps=2,
+    verdict_batch_size=2,
+    verdict_answers_per_sequence=2,
+    refresh_steps=2,
     task_mix=(("customer_service", 1),),
     cases_per_task=6,
     copy_eval_items=3,
@@ -128,13 +141,73 @@ def test_keyed_runs_ask_for_one_record_that_is_in_the_window() -> None:
     assert tail_shaped > 30
 
 
+def test_verdict_answers_are_aircraft_answers_whose_ready_is_the_conjunction() -> None:
+    from sopbench import get_task
+
+    # The skeleton (keys, order, separators, chat glue) is that of a real final answer.
+    task = get_task("aircraft_inspection")
+    episode = task.run_policy(task.cases("train")[0], seed=0, noise_rate=0.0)
+    real = f"{ASSISTANT_HEADER}{episode.messages[-1]['content']}{IM_END}\n"
+    value = r'("[^"]*"|true|false)'
+    skeleton = re.sub(value, "V", real)
+    rng = random.Random(4)
+    ready = []
+    for _ in range(400):
+        text, spans = verdict_answer(rng)
+        assert re.sub(value, "V", text) == skeleton
+        answer = json.loads(text[text.index("{") : text.rindex("}") + 1])
+        assert answer["aircraft_ready"] is all(answer[f] == good for f, good, _ in VERDICTS)
+        ready.append(answer["aircraft_ready"])
+        # Every value but aircraft_ready is random and untrained; nothing else is.
+        assert [text[a:b] for a, b in spans] == [json.dumps(answer[f]) for f in list(answer)[:-1]]
+    assert 0.35 < sum(ready) / len(ready) < 0.65
+
+
+def test_verdict_stage_trains_ready_and_never_a_random_value(tiny_build: Path) -> None:
+    model, tok = load_model(tiny_build)
+    seen: list[tuple[list[int], list[int]]] = []
+
+    def spy(name, model, make_batch, **kw):  # type: ignore[no-untyped-def]
+        seen.append(make_batch())
+        return sft_mod.PhaseResult(name, 0, 0, 0.0, None, None, [], 0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft_mod, "_token_stage", spy)
+        sft_mod.train_verdicts(
+            model,
+            tok,
+            steps=1,
+            batch_size=3,
+            per_sequence=2,
+            learning_rate=1e-3,
+            seed=0,
+            target_loss=None,
+        )
+    ((x, y),) = seen
+    for ids, labels in zip(x, y, strict=True):
+        trained = tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != -100])
+        assert (
+            trained.count("aircraft_ready") == 2
+            and trained.count(" true") + trained.count(" false") == 2
+        )
+        for word in ("pass", "fail", "consistent", "none", "INC-", "DR-", "N1", "N2"):
+            assert word not in trained
+
+
 # -- build -------------------------------------------------------------------------------------
 def test_build_is_a_loadable_hf_dir_with_our_chat_format(tiny_build: Path) -> None:
     assert (tiny_build / "model.safetensors").is_file()
     record = json.loads((tiny_build / BUILD_FILE).read_text())
     assert record["spec"]["hidden_size"] == 32
     assert record["spec_hash"] == TINY.spec_hash()
-    assert [p["name"] for p in record["phases"]] == ["induction", "keyed_runs", "curriculum", "sft"]
+    assert [p["name"] for p in record["phases"]] == [
+        "induction",
+        "keyed_runs",
+        "curriculum",
+        "sft",
+        "verdicts",
+        "sft_refresh",
+    ]
     assert {"torch", "transformers", "trl"} <= set(record["versions"])
 
     model, tok = load_model(tiny_build)
@@ -253,10 +326,6 @@ def assert_foothold(path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="foothold not reached: verdicts are the majority values, TSR 0.00 greedy (default.py)",
-    strict=True,
-)
 def test_the_shipped_default_model_has_a_foothold() -> None:
     """The shipped build through the real evaluation harness, test split (~4 min)."""
     shipped = default_mod.shipped_build(DefaultModelSpec())
@@ -265,10 +334,6 @@ def test_the_shipped_default_model_has_a_foothold() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="foothold not reached: verdicts are the majority values, TSR 0.00 greedy (default.py)",
-    strict=True,
-)
 def test_a_rebuilt_default_model_has_a_foothold(tmp_path: Path) -> None:
     """The default spec rebuilt from scratch (~24 min on 2 idle cores), then the same check."""
     assert_foothold(build_default_model(tmp_path / "default", DefaultModelSpec(), progress=False))

@@ -4,6 +4,7 @@ killed with SIGKILL resumes without losing or duplicating trajectories."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -264,6 +265,54 @@ TWO_PROCESSES = [
     "--dynamo_backend",
     "no",
 ]
+
+
+def test_one_sequence_micro_batches_give_the_padded_batch_update(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """On CPU the update runs one sequence per micro-batch (no padding, no attention mask);
+    the step must equal the one over padded multi-row micro-batches."""
+    script = str(Path(__file__).with_name("ddp_step.py"))
+    runs = {}
+    for rows in (0, 16):
+        out = tmp_path / f"rows{rows}.pt"
+        done = subprocess.run(
+            [
+                sys.executable,
+                script,
+                str(tiny_model),
+                str(out),
+                json.dumps({"micro_batch_rows": rows}),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[rows] = torch.load(out, weights_only=False)
+    a, b = runs[0], runs[16]
+    assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
+    from mtrl_local.models.default import load_model
+
+    start, _ = load_model(tiny_model)
+    p0 = start.state_dict()
+    keys = list(a["params"])
+    moved = torch.cat([(a["params"][k] - p0[k]).flatten() for k in keys]).norm()
+    apart = torch.cat([(b["params"][k] - a["params"][k]).flatten() for k in keys]).norm()
+    assert moved > 0 and apart / moved < 1e-3
+
+
+def test_micro_batches_respect_the_row_limit() -> None:
+    from mtrl_local.train.batching import TrainExample, micro_batches
+
+    def example(n: int) -> TrainExample:
+        return TrainExample(0, [1] * n, [1] * n, [0.0] * n, [1.0] * n)
+
+    examples = [example(n) for n in (50, 40, 30, 20, 10)]
+    assert micro_batches(examples, 10_000) == [[0, 1, 2, 3, 4]]
+    assert micro_batches(examples, 10_000, max_rows=2) == [[0, 1], [2, 3], [4]]
+    assert micro_batches(examples, 100, max_rows=1) == [[0], [1], [2], [3], [4]]
 
 
 def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path: Path) -> None:

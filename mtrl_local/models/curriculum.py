@@ -240,6 +240,58 @@ def keyed_runs(
     return inputs, labels
 
 
+#: The verdict fields of an aircraft_inspection answer as ``(field, passing, failing)``. SOP step 6:
+#: ``aircraft_ready`` is true exactly when all three hold their passing value.
+VERDICTS = (
+    ("mechanical_inspection_result", "pass", "fail"),
+    ("electrical_inspection_result", "pass", "fail"),
+    ("cross_check_reporting_response", "consistent", "inconsistent"),
+)
+
+
+def verdict_answer(rng: random.Random) -> tuple[str, list[tuple[int, int]]]:
+    """One final assistant turn in the aircraft answer format whose ``aircraft_ready`` is the
+    conjunction of its own verdicts, and the character spans of its random values.
+
+    The verdicts, tail number and ids are drawn at random (about half the answers pass all three),
+    so only the rest is predictable: the caller trains the field names, the punctuation and the
+    ``aircraft_ready`` value, never the random spans (training them would teach that verdicts are
+    coin flips). The text is the turn as the chat template writes it (header to ``<|im_end|>``).
+
+    Why: the SFT'd model answered "pass, pass, consistent" with ``aircraft_ready: false`` in 93 of
+    94 greedy test answers. Its ready value ignored the verdicts written just before it
+    (teacher-forced on reference trajectories, with correct verdicts given: right 58 % of the
+    time, the share of "false" in the data). The demonstrations hold one such decision per
+    900-token-plus trajectory; 150 steps of them, ready token weighted 5x, left its loss at
+    ln 2. Dense sequences of these answers form the "any verdict failed" head after ~200 steps
+    (the loss drops suddenly after a plateau, like the induction head).
+    """
+    from mtrl_local.chat import ASSISTANT_HEADER, FINAL_CLOSE, FINAL_OPEN, IM_END
+
+    failed = {f: False for f, _, _ in VERDICTS}
+    if rng.random() >= 0.35:
+        failed = {f: rng.random() < 0.4 for f in failed}
+    mechanical = failed["mechanical_inspection_result"]
+    values = {
+        "tail_number": f"N{_digits(rng, 3)}{rng.choice(LETTERS)}{rng.choice(LETTERS)}",
+        **{f: bad if failed[f] else good for f, good, bad in VERDICTS[:2]},
+        "component_incident_response": f"INC-{_digits(rng, 5)}"
+        if mechanical and rng.random() < 0.5
+        else "none",
+        "component_mismatch_response": f"DR-{_digits(rng, 5)}"
+        if mechanical and rng.random() < 0.3
+        else "none",
+        VERDICTS[2][0]: VERDICTS[2][2] if failed[VERDICTS[2][0]] else VERDICTS[2][1],
+    }
+    answer = {**values, "aircraft_ready": not any(failed.values())}
+    text = f"{ASSISTANT_HEADER}{FINAL_OPEN}{json.dumps(answer)}{FINAL_CLOSE}{IM_END}\n"
+    spans = []
+    for field in values:
+        start = text.index(f'"{field}": ') + len(f'"{field}": ')
+        spans.append((start, text.index('"', start + 1) + 1))
+    return text, spans
+
+
 def curriculum(n: int, seed: int = 0) -> Iterator[CopyExample]:
     """``n`` examples cycling through :data:`CYCLE`, deterministic given ``seed``."""
     rng = random.Random(seed)
@@ -249,6 +301,7 @@ def curriculum(n: int, seed: int = 0) -> Iterator[CopyExample]:
 
 __all__ = [
     "KINDS",
+    "VERDICTS",
     "CopyExample",
     "CurriculumKind",
     "copy_id_example",
@@ -258,4 +311,5 @@ __all__ = [
     "lookup_example",
     "random_id",
     "repeat_example",
+    "verdict_answer",
 ]

@@ -79,13 +79,14 @@ from mtrl_local.models.sft import (
     train_induction,
     train_keyed_runs,
     train_phase,
+    train_verdicts,
 )
 from mtrl_local.models.tokenizer import train_tokenizer
 
 logger = logging.getLogger(__name__)
 
 #: Bumped when the build procedure changes in a way the spec does not show (invalidates caches).
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 BUILD_FILE = "mtrl_build.json"
 
 
@@ -136,6 +137,19 @@ class DefaultModelSpec:
     """Optimizer steps on the demonstrations."""
     sft_batch_size: int = 2
     """Whole trajectories per SFT step."""
+    verdict_steps: int = 400
+    """At most this many steps of derived-verdict answers after SFT (``curriculum.verdict_answer``
+    says why); 0 skips it and the refresh. Without it, greedy answers said "pass, pass,
+    consistent" and ``aircraft_ready: false`` (strict TSR 0.00 on aircraft test)."""
+    verdict_batch_size: int = 32
+    """Sequences per derived-verdict step."""
+    verdict_answers_per_sequence: int = 4
+    """Answers per derived-verdict sequence (~75 tokens each): earlier answers are distractors."""
+    verdict_target_loss: float = 0.003
+    """The derived-verdict stage stops once its mean loss over 20 steps is below this (the ready
+    token's share of the loss, ~ln 2 / 40 per token while it is guessed, is gone)."""
+    refresh_steps: int = 150
+    """SFT steps on the demonstrations after the derived-verdict stage."""
     noise_rate: float = 0.05
     """Error rate of the noisy expert writing the demonstrations."""
     task_mix: tuple[tuple[str, int], ...] = (
@@ -289,6 +303,35 @@ def build_default_model(
                     progress=progress,
                 ),
             ]
+            if spec.verdict_steps > 0:
+                _seed_everything(spec.seed)
+                phases.append(
+                    train_verdicts(
+                        model,
+                        tokenizer,
+                        steps=spec.verdict_steps,
+                        batch_size=spec.verdict_batch_size,
+                        per_sequence=spec.verdict_answers_per_sequence,
+                        learning_rate=spec.learning_rate,
+                        seed=spec.seed,
+                        target_loss=spec.verdict_target_loss,
+                    )
+                )
+                phases.append(
+                    train_phase(
+                        "sft_refresh",
+                        model,
+                        tokenizer,
+                        demo_rows,
+                        steps=spec.refresh_steps,
+                        batch_size=spec.sft_batch_size,
+                        learning_rate=spec.learning_rate,
+                        max_length=spec.max_length,
+                        seed=spec.seed,
+                        work_dir=Path(work),
+                        progress=progress,
+                    )
+                )
         copy_acc = copy_accuracy(model, tokenizer, held_out)
         logger.info("held-out copy accuracy (greedy, %d items): %.3f", len(held_out), copy_acc)
 

@@ -71,8 +71,11 @@ def build_examples(
     return out
 
 
-def micro_batches(examples: Sequence[TrainExample], token_budget: int) -> list[list[int]]:
-    """Indices of ``examples`` packed so that rows × longest row ≤ ``token_budget``.
+def micro_batches(
+    examples: Sequence[TrainExample], token_budget: int, max_rows: int | None = None
+) -> list[list[int]]:
+    """Indices of ``examples`` packed so that rows × longest row ≤ ``token_budget`` and at most
+    ``max_rows`` rows (``None``: no row limit).
 
     Longest first: rows of similar length share a batch, so little compute goes to padding. A
     single example longer than the budget gets a micro-batch of its own.
@@ -84,7 +87,8 @@ def micro_batches(examples: Sequence[TrainExample], token_budget: int) -> list[l
     for i in order:
         n = examples[i].n_tokens
         width = max(longest, n)
-        if current and width * (len(current) + 1) > token_budget:
+        full = max_rows is not None and len(current) >= max_rows
+        if current and (full or width * (len(current) + 1) > token_budget):
             batches.append(current)
             current, width = [], n
         current.append(i)
@@ -143,12 +147,14 @@ def token_logprobs(
     body = getattr(lm, "model", None)
     head = getattr(lm, "lm_head", None)
     targets = loss_mask[:, 1:].bool()  # (B, T-1): predict token t+1 from position t
+    # No padding: without a mask SDPA keeps its causal kernel (no mask tensor is built).
+    mask: Tensor | None = None if bool(attention_mask.all()) else attention_mask
     if body is not None and head is not None:
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
         picked = hidden[:, :-1][targets]  # (N, H)
         logits = head(picked).float()  # (N, V)
     else:  # an architecture without the usual split: full forward
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids=input_ids, attention_mask=mask).logits
         logits = logits[:, :-1][targets].float()  # (N, V)
     log_norm = torch.logsumexp(logits, dim=-1)  # (N,)
     chosen = logits.gather(-1, input_ids[:, 1:][targets].unsqueeze(-1)).squeeze(-1)  # (N,)

@@ -58,6 +58,14 @@ class UpdateContext:
     bf16: bool = False
 
 
+def _max_rows(cfg: MultiTurnRLConfig, device: torch.device) -> int | None:
+    """Rows per micro-batch: ``micro_batch_rows``, or automatic (one sequence at a time on CPU,
+    where padding forces the masked attention kernel; no limit on CUDA)."""
+    if cfg.micro_batch_rows > 0:
+        return cfg.micro_batch_rows
+    return 1 if device.type == "cpu" else None
+
+
 def update_policy(
     ctx: UpdateContext,
     cfg: MultiTurnRLConfig,
@@ -92,7 +100,7 @@ def update_policy(
             k: v.to(ctx.device)
             for k, v in collate([examples[i] for i in indices], ctx.pad_id).items()
         }
-        for indices in micro_batches(examples, cfg.micro_batch_tokens)
+        for indices in micro_batches(examples, cfg.micro_batch_tokens, _max_rows(cfg, ctx.device))
     ]
     #: π_old per micro-batch: the policy's logprobs on the first pass, frozen for later passes.
     frozen: dict[int, torch.Tensor] = {}
