@@ -13,7 +13,7 @@ from typing import Any
 
 from rewards.parsing import parse_answer
 from rewards.strict import field_matches
-from rewards.types import Message, RewardResult
+from rewards.types import Message, RewardResult, scalar
 
 
 def dense_reward(
@@ -37,6 +37,32 @@ def dense_reward(
         "strict": float(emitted and all(matches.values())),
     }
     return RewardResult(reward, metrics)
+
+
+def dense_strict_reward(
+    messages: Sequence[Message],
+    ground_truth: Mapping[str, Any],
+    strict_weight: float = 0.5,
+    format_coef: float = 0.1,
+    **_: Any,
+) -> RewardResult:
+    """``(1 − strict_weight)·field_acc + strict_weight·strict + format_coef·(emitted − 1)``.
+
+    Why: per-field accuracy alone rewards each field's most likely value on its own. Measured on
+    the default model (aircraft_inspection, 50 steps of ``make train`` with :func:`dense_reward`):
+    test reward 0.36 → 0.54, completion 0.55 → 0.76, every field up 6–20 points, and strict TSR
+    0.10 → 0.00 — the answers drifted to "pass, pass, consistent" with ``aircraft_ready: false``,
+    each field's majority value, which no aircraft can have (SOP step 6). Half the reward on the
+    whole answer being right keeps the shaping and pays for coherent answers. Same range as
+    :func:`dense_reward`; an all-right answer scores 1.
+    """
+    if not 0.0 <= strict_weight <= 1.0:
+        raise ValueError("strict_weight must be in [0, 1]")
+    result = dense_reward(messages, ground_truth, format_coef=format_coef)
+    metrics = dict(result.metrics)
+    penalty = scalar(result.reward) - metrics["field_acc"]  # the format term
+    reward = (1 - strict_weight) * metrics["field_acc"] + strict_weight * metrics["strict"]
+    return RewardResult(reward + penalty, metrics)
 
 
 def per_turn_rewards(

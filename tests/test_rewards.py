@@ -9,7 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rewards.dense import dense_reward, dense_reward_per_turn, per_turn_rewards
+from rewards.dense import (
+    dense_reward,
+    dense_reward_per_turn,
+    dense_strict_reward,
+    per_turn_rewards,
+)
 from rewards.parsing import extract_final_response, parse_answer
 from rewards.strict import normalize, strict_score
 from rewards.types import scalar
@@ -154,6 +159,32 @@ def test_dense_strict_metric_agrees_with_strict_scorer():
     for final in (block(TRUTH), block({**TRUTH, "count": 4}), "none", block("[]")):
         msgs = episode(final)
         assert dense_reward(msgs, TRUTH).metrics["strict"] == strict_score(msgs, TRUTH)
+
+
+@pytest.mark.parametrize(
+    ("final", "reward"),
+    [
+        (block(TRUTH), 1.0),  # all right: 0.5 + 0.5
+        (block({**TRUTH, "result": "fail"}), 0.5 * 2 / 3),  # 2 of 3 fields, not strict
+        (block({}), 0.0),
+        ("I could not finish.", -0.1),  # the format term, as in dense_reward
+    ],
+)
+def test_dense_strict_reward_pays_half_for_the_whole_answer(final, reward):
+    result = dense_strict_reward(episode(final), TRUTH)
+    assert result.reward == pytest.approx(reward)
+    assert result.metrics == dense_reward(episode(final), TRUTH).metrics
+    assert dense_strict_reward(episode(final), TRUTH, strict_weight=0.0).reward == pytest.approx(
+        dense_reward(episode(final), TRUTH).reward
+    )
+    with pytest.raises(ValueError, match="strict_weight"):
+        dense_strict_reward(episode(final), TRUTH, strict_weight=1.5)
+
+
+def test_dense_strict_reward_prefers_a_coherent_answer_to_per_field_majorities():
+    """Two answers, same number of right fields: only the wholly right one earns the bonus."""
+    wrong_one = dense_strict_reward(episode(block({**TRUTH, "ready": False})), TRUTH).reward
+    assert dense_strict_reward(episode(block(TRUTH)), TRUTH).reward - wrong_one > 0.5
 
 
 # -- per-turn rewards ------------------------------------------------------------------------------

@@ -11,19 +11,20 @@ the toolkit builds its own starting point on the CPU:
    (:mod:`mtrl_local.models.curriculum`) — without them a tiny model does not learn to copy an
    id from the user message into a tool call, nor a tail number out of a tool result;
 4. a warm start with TRL's ``SFTTrainer(assistant_only_loss=True)`` on noisy-expert
-   demonstrations of the **train** split of every task (:mod:`mtrl_local.models.sft`).
+   demonstrations of the **train** split of every task (:mod:`mtrl_local.models.sft`);
+5. a derived-verdict stage (``aircraft_ready`` = the conjunction of the answer's own verdicts,
+   :func:`mtrl_local.models.curriculum.verdict_answer`) and a short SFT refresh.
 
 The aim is a *foothold*, not a solved task: the model follows the procedure, writes well-formed
 tool calls with the right ids and a parseable answer, and guesses most rule-derived fields, so
 strict TSR sits inside (5 %, 50 %) and RL has room to raise it.
 
-Status (measured, seed 0, this spec, aircraft_inspection test split, 100 cases): first turns
-are well-formed calls in 99 % (greedy) / 93 % (temperature 1), ids and tail numbers are copied
-(``tail_number`` exact 93 % greedy), completion 94 % / 62 %, field accuracy 77 % / 42 % — but the
-verdict fields are not read from the tool results: greedy answers are the majority values
-("pass", "pass", "consistent", ``aircraft_ready: false``) in 93 of 94 answers, so strict TSR is
-**0.00 greedy and 0.03 at temperature 1: the foothold target (5–50 %) is not reached.**
-The build takes ~24 minutes on 2 idle cores; its output is shipped (:data:`SHIPPED_DIR`).
+Status (measured, seed 0, this spec, aircraft_inspection test split, 100 cases): strict TSR
+**0.34 greedy, 0.10 at temperature 1** (inside the band); first turns are well-formed calls in
+99 % / 94 %, completion 95 % / 59 %, field accuracy 71 % / 42 %, ``tail_number`` exact 79 % /
+42 %. The verdicts themselves are still mostly the common values, so the successes are mostly
+the all-pass aircraft. The build takes ~32 minutes on 2 cores; its output is shipped
+(:data:`SHIPPED_DIR`).
 
 Budgets are in optimizer steps (deterministic given the seed). ``default_model_path()`` caches
 the model under ``$MTRL_CACHE`` (or ``~/.cache/mtrl-local``), keyed by a hash of the spec, from the
@@ -140,7 +141,7 @@ class DefaultModelSpec:
     verdict_steps: int = 400
     """At most this many steps of derived-verdict answers after SFT (``curriculum.verdict_answer``
     says why); 0 skips it and the refresh. Without it, greedy answers said "pass, pass,
-    consistent" and ``aircraft_ready: false`` (strict TSR 0.00 on aircraft test)."""
+    consistent" and ``aircraft_ready: false`` (strict TSR 0.00 on aircraft test; with it 0.34)."""
     verdict_batch_size: int = 32
     """Sequences per derived-verdict step."""
     verdict_answers_per_sequence: int = 4
