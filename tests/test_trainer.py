@@ -267,6 +267,19 @@ TWO_PROCESSES = [
 ]
 
 
+def _update_size_and_gap(
+    model_dir: Path, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+) -> tuple[float, float]:
+    """``(‖a − start‖, ‖b − a‖)``: how far update ``a`` moved, how far ``b`` is from ``a``."""
+    from mtrl_local.models.default import load_model
+
+    start, _ = load_model(model_dir)
+    p0 = start.state_dict()
+    moved = torch.cat([(a[k] - p0[k]).flatten() for k in a]).norm()
+    apart = torch.cat([(b[k] - a[k]).flatten() for k in a]).norm()
+    return float(moved), float(apart)
+
+
 def test_one_sequence_micro_batches_give_the_padded_batch_update(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -293,14 +306,8 @@ def test_one_sequence_micro_batches_give_the_padded_batch_update(
         runs[rows] = torch.load(out, weights_only=False)
     a, b = runs[0], runs[16]
     assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
-    from mtrl_local.models.default import load_model
-
-    start, _ = load_model(tiny_model)
-    p0 = start.state_dict()
-    keys = list(a["params"])
-    moved = torch.cat([(a["params"][k] - p0[k]).flatten() for k in keys]).norm()
-    apart = torch.cat([(b["params"][k] - a["params"][k]).flatten() for k in keys]).norm()
-    assert moved > 0 and apart / moved < 1e-3
+    moved, apart = _update_size_and_gap(tiny_model, a["params"], b["params"])
+    assert moved > 0 and apart < 1e-3 * moved, (apart, moved)
 
 
 def test_micro_batches_respect_the_row_limit() -> None:
@@ -340,18 +347,12 @@ def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path:
     assert (a["world"], b["world"]) == (1, 2)  # the launch really ran two processes
     assert a["metrics"]["train/sequences"] == b["metrics"]["train/sequences"] > 0
     assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
-    from mtrl_local.models.default import load_model
-
-    start, _ = load_model(tiny_model)
-    p0 = start.state_dict()
-    keys = list(a["params"])
-    moved = torch.cat([(a["params"][k] - p0[k]).flatten() for k in keys]).norm()
-    apart = torch.cat([(b["params"][k] - a["params"][k]).flatten() for k in keys]).norm()
+    moved, apart = _update_size_and_gap(tiny_model, a["params"], b["params"])
     assert moved > 0.1, "the step changed nothing: the comparison would be vacuous"
     # Two processes sum gradients in another order; Adam turns a rounding difference into a
     # visible change of a weight whose gradient is near zero (seen: 1 of 19,200 weights off by
     # 2e-6): compare the runs against the size of the update.
-    assert apart < 1e-3 * moved, (float(apart), float(moved))
+    assert apart < 1e-3 * moved, (apart, moved)
 
 
 def _episodes(db: Path) -> dict[tuple[int, str, int], tuple[str, str, float]]:
@@ -423,7 +424,7 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
     # Batched forward passes round differently on 1 and 2 processes, and Adam turns a rounding
     # difference in a near-zero gradient into a visible step for that one weight (seen: 1 of
     # 19,200 weights off by 4e-5 after 2 steps at lr 1e-2): compare the runs against the update.
-    assert apart < 1e-3 * moved, (float(apart), float(moved))
+    assert apart < 1e-3 * moved, (apart, moved)
 
 
 def test_accelerate_launch_refuses_async_and_uneven_splits(

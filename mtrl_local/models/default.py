@@ -72,6 +72,7 @@ from transformers import (
 from mtrl_local.chat import prepare_tokenizer_for_trl
 from mtrl_local.models.curriculum import curriculum
 from mtrl_local.models.sft import (
+    PhaseResult,
     copy_accuracy,
     demonstration_episodes,
     demonstration_rows,
@@ -280,6 +281,22 @@ def build_default_model(
             )
         _seed_everything(spec.seed)
         with tempfile.TemporaryDirectory(prefix="mtrl-build-") as work:
+
+            def sft(name: str, steps: int) -> PhaseResult:
+                return train_phase(
+                    name,
+                    model,
+                    tokenizer,
+                    demo_rows,
+                    steps=steps,
+                    batch_size=spec.sft_batch_size,
+                    learning_rate=spec.learning_rate,
+                    max_length=spec.max_length,
+                    seed=spec.seed,
+                    work_dir=Path(work),
+                    progress=progress,
+                )
+
             phases += [
                 train_curriculum(
                     model,
@@ -290,19 +307,7 @@ def build_default_model(
                     learning_rate=spec.learning_rate,
                     seed=spec.seed,
                 ),
-                train_phase(
-                    "sft",
-                    model,
-                    tokenizer,
-                    demo_rows,
-                    steps=spec.sft_steps,
-                    batch_size=spec.sft_batch_size,
-                    learning_rate=spec.learning_rate,
-                    max_length=spec.max_length,
-                    seed=spec.seed,
-                    work_dir=Path(work),
-                    progress=progress,
-                ),
+                sft("sft", spec.sft_steps),
             ]
             if spec.verdict_steps > 0:
                 _seed_everything(spec.seed)
@@ -318,21 +323,7 @@ def build_default_model(
                         target_loss=spec.verdict_target_loss,
                     )
                 )
-                phases.append(
-                    train_phase(
-                        "sft_refresh",
-                        model,
-                        tokenizer,
-                        demo_rows,
-                        steps=spec.refresh_steps,
-                        batch_size=spec.sft_batch_size,
-                        learning_rate=spec.learning_rate,
-                        max_length=spec.max_length,
-                        seed=spec.seed,
-                        work_dir=Path(work),
-                        progress=progress,
-                    )
-                )
+                phases.append(sft("sft_refresh", spec.refresh_steps))
         copy_acc = copy_accuracy(model, tokenizer, held_out)
         logger.info("held-out copy accuracy (greedy, %d items): %.3f", len(held_out), copy_acc)
 
