@@ -86,6 +86,10 @@ class MultiTurnRLConfig:
     """Most sequences per micro-batch; 0 = 1 on CPU (a padded batch takes the masked attention
     path there: 24 aircraft-length sequences took 19 s in padded batches of 6, 11 s one by one),
     no limit on CUDA."""
+    share_prefix: bool = True
+    """Run the prompt a group's trajectories share through the model once per update and reuse
+    its keys/values, with their gradient, for each trajectory (:mod:`mtrl_local.train.prefix`):
+    the same gradient for far fewer tokens (off under FSDP)."""
     max_steps: int = 50
     """Optimizer steps."""
 
@@ -156,6 +160,11 @@ class MultiTurnRLConfig:
     """4-bit base weights (bitsandbytes; CUDA only)."""
     bf16: bool | None = None
     """bf16 autocast; ``None`` → on when CUDA is available."""
+    fsdp: bool = False
+    """Under ``accelerate launch`` with several processes: shard the parameters, gradients and
+    optimizer state over them (PyTorch FSDP2) instead of replicating them, for a model whose
+    training state does not fit one device; each process keeps a whole inference copy for
+    sampling. Synchronous rollouts, no 4-bit weights."""
 
     # -- evaluation, checkpoints, logging -------------------------------------------------------
     eval_steps: int = 10
@@ -225,6 +234,12 @@ def check_config(cfg: MultiTurnRLConfig) -> None:
         raise UserError("config: async_config.max_steps_off_policy must be ≥ 0")
     if cfg.lora_rank < 0:
         raise UserError("config: lora_rank must be ≥ 0 (0 = full fine-tuning)")
+    if cfg.fsdp and cfg.async_config.max_steps_off_policy > 0:
+        raise UserError(
+            "config: fsdp needs synchronous rollouts (async_config.max_steps_off_policy = 0)"
+        )
+    if cfg.fsdp and cfg.load_in_4bit:
+        raise UserError("config: fsdp and load_in_4bit cannot be combined (no sharded 4-bit)")
 
 
 def _type_name(tp: Any) -> str:

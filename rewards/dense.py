@@ -65,6 +65,20 @@ def dense_strict_reward(
     return RewardResult(reward + penalty, metrics)
 
 
+def strict_reward(
+    messages: Sequence[Message],
+    ground_truth: Mapping[str, Any],
+    format_coef: float = 0.1,
+    **_: Any,
+) -> RewardResult:
+    """The strict score itself (1 for an all-right answer, else 0) plus the format term:
+    :func:`dense_strict_reward` with ``strict_weight = 1``. No credit for a field guessed right
+    on its own, so no pull towards each field's majority value or towards answering before the
+    tools are read; the signal is sparse (a group whose samples all fail teaches nothing).
+    """
+    return dense_strict_reward(messages, ground_truth, strict_weight=1.0, format_coef=format_coef)
+
+
 def per_turn_rewards(
     messages: Sequence[Message], final_reward: float, tool_error_penalty: float = 0.0
 ) -> list[float]:

@@ -5,7 +5,9 @@ Usage: ``python tests/ddp_step.py MODEL_DIR OUT.pt [CONFIG_JSON]`` or
 machine without CUDA this starts 2 CPU processes over gloo; ``--cpu`` would start only one).
 Every process builds the same batch (scripted noisy expert through the real engine), keeps its
 shard of the groups, and runs :func:`update_policy`; rank 0 saves the updated parameters.
-``CONFIG_JSON`` overrides config fields (e.g. ``{"micro_batch_rows": 16}``).
+``CONFIG_JSON`` overrides config fields (e.g. ``{"micro_batch_rows": 16}``; ``{"fsdp": true}``
+shards the model over the processes first; ``"beta"`` > 0 adds a reference model that differs
+from the policy, so the KL term is exercised).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def main(model_dir: str, out: str, overrides: str = "{}") -> None:
     from mtrl_local.models.default import load_model
     from mtrl_local.rollout.backend import SamplingParams
     from mtrl_local.rollout.engine import RolloutEngine
+    from mtrl_local.train.distributed import full_state_dict, shard_model
+    from mtrl_local.train.policy import Reference
     from mtrl_local.train.update import UpdateContext, update_policy
     from rewards.dense import dense_reward
     from sopbench import get_task
@@ -39,7 +43,9 @@ def main(model_dir: str, out: str, overrides: str = "{}") -> None:
     engine = RolloutEngine(noisy_expert_backend(tokenizer, task.name), tokenizer, progress=False)
     trajectories = engine.run(
         task,
-        task.cases("train")[:4],
+        # Three groups: two processes get two and one (uneven shards; under FSDP the process
+        # with fewer micro-batches runs stand-ins to keep the collectives in step).
+        task.cases("train")[:3],
         n_samples=4,
         sampling=SamplingParams(max_tokens=256),
         reward_fn=dense_reward,
@@ -56,19 +62,35 @@ def main(model_dir: str, out: str, overrides: str = "{}") -> None:
             **json.loads(overrides),
         },
     )
+    reference = None
+    if cfg.beta > 0:
+        # The reference is the model as loaded; the policy starts from it moved a little
+        # (seeded), so the KL term and its gradient are not zero.
+        reference = Reference(model, lora=False)
+        noise = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=noise))
+    if cfg.fsdp:  # sharded: each process holds half of every parameter
+        shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     ctx = UpdateContext(
-        model, optimizer, scheduler, params, tokenizer.pad_token_id, torch.device("cpu")
+        model,
+        optimizer,
+        scheduler,
+        params,
+        tokenizer.pad_token_id,
+        torch.device("cpu"),
+        reference=reference,
     )
     metrics = update_policy(
         ctx, cfg, [trajectories[i] for i in mine], [advantages[i] for i in mine]
     )
+    weights = full_state_dict(model)  # a collective under FSDP: every process gathers
     if state.is_main_process:
-        torch.save(
-            {"params": model.state_dict(), "metrics": metrics, "world": state.num_processes}, out
-        )
+        torch.save({"params": weights, "metrics": metrics, "world": state.num_processes}, out)
     state.wait_for_everyone()
 
 

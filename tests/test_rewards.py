@@ -14,6 +14,7 @@ from rewards.dense import (
     dense_reward_per_turn,
     dense_strict_reward,
     per_turn_rewards,
+    strict_reward,
 )
 from rewards.parsing import extract_final_response, parse_answer
 from rewards.strict import normalize, strict_score
@@ -185,6 +186,21 @@ def test_dense_strict_reward_prefers_a_coherent_answer_to_per_field_majorities()
     """Two answers, same number of right fields: only the wholly right one earns the bonus."""
     wrong_one = dense_strict_reward(episode(block({**TRUTH, "ready": False})), TRUTH).reward
     assert dense_strict_reward(episode(block(TRUTH)), TRUTH).reward - wrong_one > 0.5
+
+
+@pytest.mark.parametrize(
+    ("final", "reward"),
+    [
+        (block(TRUTH), 1.0),
+        (block({**TRUTH, "result": "fail"}), 0.0),  # 2 of 3 fields right earns nothing
+        (block({}), 0.0),
+        ("I could not finish.", -0.1),  # no answer: the format term
+    ],
+)
+def test_strict_reward_is_the_strict_score_plus_the_format_term(final, reward):
+    result = strict_reward(episode(final), TRUTH)
+    assert result.reward == pytest.approx(reward)
+    assert result.metrics["strict"] == strict_score(episode(final), TRUTH)
 
 
 # -- per-turn rewards ------------------------------------------------------------------------------

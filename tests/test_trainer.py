@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from mtrl_local.config import load_config
+from mtrl_local.errors import UserError
 from mtrl_local.metrics import ALL_METRICS
 from mtrl_local.store import RunStore
 from mtrl_local.train.trainer import Trainer
@@ -27,6 +28,10 @@ from tests.trainer_fixtures import build_tiny_model, noisy_expert_backend
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def small_config(model: Path, out: Path, **overrides: Any) -> Any:
@@ -230,13 +235,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
     before = _rows(run_dir / "run.sqlite")
     steps_before = {r[0] for r in before}
 
-    resumed = subprocess.run(
-        [*args[:4], "--resume", str(run_dir), "max_steps=6"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        check=False,
-    )
+    resumed = _run([*args[:4], "--resume", str(run_dir), "max_steps=6"], timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = _rows(run_dir / "run.sqlite")
     assert len(rows) == len(set(rows)), "duplicated trajectory rows"
@@ -280,32 +279,38 @@ def _update_size_and_gap(
     return float(moved), float(apart)
 
 
-def test_one_sequence_micro_batches_give_the_padded_batch_update(
-    tiny_model: Path, tmp_path: Path
-) -> None:
-    """On CPU the update runs one sequence per micro-batch (no padding, no attention mask);
-    the step must equal the one over padded multi-row micro-batches."""
+def _ddp_step(model: Path, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     script = str(Path(__file__).with_name("ddp_step.py"))
-    runs = {}
-    for rows in (0, 16):
-        out = tmp_path / f"rows{rows}.pt"
-        done = subprocess.run(
-            [
-                sys.executable,
-                script,
-                str(tiny_model),
-                str(out),
-                json.dumps({"micro_batch_rows": rows}),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        runs[rows] = torch.load(out, weights_only=False)
-    a, b = runs[0], runs[16]
-    assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
+    done = _run([sys.executable, script, str(model), str(out), json.dumps(overrides)])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    ("reference", "variant"),
+    [
+        # On CPU the update runs one sequence per micro-batch (no padding, no attention mask).
+        ({"share_prefix": False}, {"share_prefix": False, "micro_batch_rows": 16}),
+        # A group's prompt once, its keys/values (and their gradient) reused by each suffix.
+        ({"share_prefix": False}, {"share_prefix": True}),
+        ({"share_prefix": False}, {"share_prefix": True, "micro_batch_rows": 16}),
+        # The reference model's logprobs through the shared prefix too (KL term not zero).
+        ({"share_prefix": False, "beta": 0.1}, {"share_prefix": True, "beta": 0.1}),
+    ],
+    ids=["padded-rows", "shared-prefix", "shared-prefix-padded", "shared-prefix-kl"],
+)
+def test_update_variants_give_the_same_step(
+    tiny_model: Path, tmp_path: Path, reference: dict[str, Any], variant: dict[str, Any]
+) -> None:
+    """Different ways of running one update's forward/backward passes give the same step."""
+    a = _ddp_step(tiny_model, tmp_path / "a.pt", reference)
+    b = _ddp_step(tiny_model, tmp_path / "b.pt", variant)
+    for name in ("train/loss", "train/kl", "train/grad_norm"):
+        assert abs(a["metrics"][name] - b["metrics"][name]) < 1e-6, name
+    if reference.get("beta"):
+        assert a["metrics"]["train/kl"] > 1e-4  # the reference differs: the term is exercised
+    if variant.get("share_prefix"):  # far fewer tokens through the model
+        assert b["metrics"]["train/tokens"] < 0.5 * a["metrics"]["train/tokens"]
     moved, apart = _update_size_and_gap(tiny_model, a["params"], b["params"])
     assert moved > 0 and apart < 1e-3 * moved, (apart, moved)
 
@@ -322,31 +327,36 @@ def test_micro_batches_respect_the_row_limit() -> None:
     assert micro_batches(examples, 100, max_rows=1) == [[0], [1], [2], [3], [4]]
 
 
-def test_two_process_step_equals_single_process_step(tiny_model: Path, tmp_path: Path) -> None:
-    """`accelerate launch` with 2 CPU processes (gloo) = one process on the whole batch."""
+def test_prefix_groups_share_only_a_common_untrained_prompt() -> None:
+    from mtrl_local.train.prefix import prefix_groups
+
+    prompt_a, prompt_b = list(range(40)), list(range(100, 140))
+    ids = [[*prompt_a, 7, 8, 9], [*prompt_a, 7, 5], [*prompt_b, 1, 2], [*prompt_a[:5], 3, 4]]
+    masks = [[0] * 41 + [1, 1], [0] * 41 + [1], [0] * 40 + [1, 1], [0] * 6 + [1]]
+    # The prefix stops one token before the first trained one (its logprob needs that token's
+    # hidden state); a prompt seen once, or shorter than min_length, is run whole (length 0).
+    assert prefix_groups(ids, masks, min_length=32) == [(40, [0, 1]), (0, [2]), (0, [3])]
+    assert prefix_groups(ids, masks, min_length=64) == [(0, [0, 1]), (0, [2]), (0, [3])]
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_step_equals_single_process_step(
+    tiny_model: Path, tmp_path: Path, fsdp: bool
+) -> None:
+    """`accelerate launch` with 2 CPU processes (gloo) = one process on the whole batch, with
+    the model replicated (gradients all-reduced) or sharded (FSDP2: reduce-scattered)."""
     script = str(Path(__file__).with_name("ddp_step.py"))
     single, double = tmp_path / "single.pt", tmp_path / "double.pt"
-    one = subprocess.run(
-        [sys.executable, script, str(tiny_model), str(single)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    one = _run([sys.executable, script, str(tiny_model), str(single)])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [*TWO_PROCESSES, script, str(tiny_model), str(double)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    two = _run([*TWO_PROCESSES, script, str(tiny_model), str(double), json.dumps({"fsdp": fsdp})])
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(single, weights_only=False)
     b = torch.load(double, weights_only=False)
     assert (a["world"], b["world"]) == (1, 2)  # the launch really ran two processes
     assert a["metrics"]["train/sequences"] == b["metrics"]["train/sequences"] > 0
     assert abs(a["metrics"]["train/loss"] - b["metrics"]["train/loss"]) < 1e-5
+    assert abs(a["metrics"]["train/grad_norm"] - b["metrics"]["train/grad_norm"]) < 1e-5
     moved, apart = _update_size_and_gap(tiny_model, a["params"], b["params"])
     assert moved > 0.1, "the step changed nothing: the comparison would be vacuous"
     # Two processes sum gradients in another order; Adam turns a rounding difference into a
@@ -364,12 +374,15 @@ def _episodes(db: Path) -> dict[tuple[int, str, int], tuple[str, str, float]]:
     return {(r[0], r[1], r[2]): (r[3], r[4], r[5]) for r in rows}
 
 
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
 def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, fsdp: bool
 ) -> None:
     """`accelerate launch` of `mtrl train` with 2 CPU processes: each samples half of every
     step's cases, process 0 stores all of them, and the run equals the one-process run — the
-    same episodes (per-episode sampler seeds) and the same final weights."""
+    same episodes (per-episode sampler seeds) and the same final weights. With FSDP (sharded
+    policy, a whole copy per process for sampling) the same, and the run resumes from its
+    sharded-optimizer checkpoint."""
     train = [
         "train",
         "--model",
@@ -388,22 +401,10 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
         "learning_rate=1e-2",
         "reward=tests.trainer_fixtures:digit_share_reward",  # varies between random samples
     ]
-    one = subprocess.run(
-        [sys.executable, "-m", "mtrl_local.cli", *train, "--run-name", "one"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    one = _run([sys.executable, "-m", "mtrl_local.cli", *train, "--run-name", "one"])
     assert one.returncode == 0, one.stderr[-3000:]
     launch = [*TWO_PROCESSES, "-m", "mtrl_local.cli"]
-    two = subprocess.run(
-        [*launch, *train, "--run-name", "two"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    two = _run([*launch, *train, f"fsdp={str(fsdp).lower()}", "--run-name", "two"])
     assert two.returncode == 0, two.stderr[-3000:]
     assert "data-parallel over 2 processes" in two.stderr
 
@@ -425,6 +426,26 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
     # difference in a near-zero gradient into a visible step for that one weight (seen: 1 of
     # 19,200 weights off by 4e-5 after 2 steps at lr 1e-2): compare the runs against the update.
     assert apart < 1e-3 * moved, (apart, moved)
+    if not fsdp:
+        return
+    resume = ["train", "--resume", str(tmp_path / "two"), "--no-baseline", "--no-final-eval"]
+    resumed = _run([*launch, *resume, "max_steps=3"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    with RunStore.open(tmp_path / "two", readonly=True) as store:
+        assert store.steps() == [1, 2, 3] and store.run().status == "finished"
+    m3, _ = load_model(tmp_path / "two" / "final_model")
+    assert torch.cat([(params_of(m3)[k] - p2[k]).flatten() for k in p2]).norm() > 0
+    # A sharded optimizer state cannot be loaded into an unsharded run: said, not crashed.
+    plain = _run([sys.executable, "-m", "mtrl_local.cli", *resume, "fsdp=false", "max_steps=4"])
+    assert plain.returncode != 0
+    assert "resume with the same fsdp setting" in plain.stderr
+    assert "Traceback" not in plain.stderr
+
+
+def test_fsdp_needs_several_processes(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="fsdp shards the model over several processes"):
+        Trainer(small_config(tiny_model, tmp_path, fsdp=True), progress=False)
 
 
 def test_accelerate_launch_refuses_async_and_uneven_splits(

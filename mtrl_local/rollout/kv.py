@@ -21,9 +21,18 @@ transformers builds no mask of its own: Llama/Qwen3-style decoders only call :me
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name the model's forward takes its KV cache under (transformers 5.24 renamed
+    ``past_key_values`` to ``cache``; the old name still works, with a warning per call)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 @dataclass

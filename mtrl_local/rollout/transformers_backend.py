@@ -32,7 +32,7 @@ from mtrl_local.rollout.backend import (
     SamplingParams,
     row_seed,
 )
-from mtrl_local.rollout.kv import CacheEntry, SlotCache
+from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg
 from mtrl_local.rollout.sampling import sample
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class TransformersBackend:
         self.prefill_chunk = prefill_chunk
         self.policy_version = policy_version
         self.eos_token_id: int = eos
+        self._cache_kwarg = cache_kwarg(model)
         pad = tokenizer.pad_token_id
         self.pad_token_id: int = pad if isinstance(pad, int) else eos
         self.max_context_len: int | None = getattr(config, "max_position_embeddings", None)
@@ -294,9 +295,9 @@ class TransformersBackend:
             # dict is understood by Qwen3-style models only, not by Llama).
             attention_mask=mask,
             position_ids=cache.positions[rows, start : start + q],
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{self._cache_kwarg: cache},
         )
         self.stats["forward_calls"] += 1
         return out.logits[:, -1, :]

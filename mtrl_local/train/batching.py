@@ -10,6 +10,7 @@ uneven trajectories needs few forward passes and never runs out of memory on a l
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor
 
 from mtrl_local.advantages import token_advantages
+from mtrl_local.train.prefix import PrefixKV
 from mtrl_local.trajectory import Trajectory
 
 
@@ -129,32 +131,49 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _keeps_logits(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (HF causal LMs since 4.50)."""
+    forward = _causal_lm(model).forward
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: Tensor,  # (B, T)
     attention_mask: Tensor,  # (B, T)
     loss_mask: Tensor,  # (B, T)
     with_entropy: bool = False,
+    prefix: PrefixKV | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(token_t | tokens_<t) at every position with ``loss_mask`` 1; zeros elsewhere.
+
+    With ``prefix`` the tensors are the suffixes that follow it (:mod:`mtrl_local.train.prefix`):
+    the model attends over the prefix's cached keys/values, positions continue after it.
 
     Returns ``(logprobs (B, T), entropy (B, T) or None)``; position t holds the logprob of token
     t (position 0 is always 0: nothing predicts the first token). Only the masked positions go
     through the LM head: the prompt and tool results are most of a trajectory, and their logits
     would be computed and thrown away.
     """
-    lm = _causal_lm(model)
-    body = getattr(lm, "model", None)
-    head = getattr(lm, "lm_head", None)
     targets = loss_mask[:, 1:].bool()  # (B, T-1): predict token t+1 from position t
     # No padding: without a mask SDPA keeps its causal kernel (no mask tensor is built).
     mask: Tensor | None = None if bool(attention_mask.all()) else attention_mask
-    if body is not None and head is not None:
-        hidden = body(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        picked = hidden[:, :-1][targets]  # (N, H)
-        logits = head(picked).float()  # (N, V)
-    else:  # an architecture without the usual split: full forward
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+    extra: dict[str, object] = {}
+    if prefix is not None:
+        rows, width = input_ids.shape
+        extra = prefix.forward_kwargs(model, rows, width)
+        if mask is not None:  # the padding mask covers the prefix too
+            mask = torch.cat([mask.new_ones(rows, prefix.length), mask], dim=1)
+    if _keeps_logits(model):
+        # The positions any row trains on, through the model's own forward (so wrappers that
+        # hook it, FSDP's all-gather among them, see the call): the LM head runs on those only.
+        positions = targets.any(0).nonzero().squeeze(-1)  # (P,)
+        kept = model(
+            input_ids=input_ids, attention_mask=mask, logits_to_keep=positions, **extra
+        ).logits
+        logits = kept[targets[:, positions]].float()  # (N, V), row-major like targets
+    else:  # a forward without ``logits_to_keep``: every position's logits
+        logits = model(input_ids=input_ids, attention_mask=mask, **extra).logits
         logits = logits[:, :-1][targets].float()  # (N, V)
     log_norm = torch.logsumexp(logits, dim=-1)  # (N,)
     chosen = logits.gather(-1, input_ids[:, 1:][targets].unsqueeze(-1)).squeeze(-1)  # (N,)

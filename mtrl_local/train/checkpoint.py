@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtrl_local.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 PREFIX = "step-"
@@ -65,11 +67,17 @@ def save_checkpoint(
     run_dir: Path,
     state: TrainState,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer_state: dict[str, Any],
     scheduler: Any,
     keep: int = 2,
+    *,
+    sharded: bool = False,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep`` of them."""
+    """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep`` of them.
+
+    ``model`` holds the weights to save (whole, not sharded); ``optimizer_state`` is
+    :func:`mtrl_local.train.distributed.optimizer_state` (``sharded``: keyed by parameter name,
+    written by an FSDP run, which only an FSDP run can load)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:06d}"
@@ -80,7 +88,11 @@ def save_checkpoint(
     # save_pretrained writes the adapter only for a peft model, the whole model otherwise.
     model.save_pretrained(tmp / "model", safe_serialization=True)  # type: ignore[operator]
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        {
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "layout": "fsdp" if sharded else "plain",
+        },
         tmp / "optim.pt",
     )
     torch.save(_rng_state(), tmp / "rng.pt")
@@ -111,10 +123,8 @@ def load_train_state(path: Path) -> TrainState:
     return TrainState(**json.loads((path / "state.json").read_text()))
 
 
-def restore_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> TrainState:
-    """Load weights, optimizer, scheduler and RNG states from ``path``; returns the train state."""
+def restore_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load the weights (adapter or whole model) of checkpoint ``path`` into an unsharded model."""
     from safetensors.torch import load_file
 
     model_dir = path / "model"
@@ -123,15 +133,30 @@ def restore_checkpoint(
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(model, load_file(str(weights)))
-    else:
-        state = load_file(str(model_dir / "model.safetensors"))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        # Tied embeddings are saved once; anything else missing is a real mismatch.
-        real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
-        if real_missing or unexpected:
-            raise RuntimeError(f"checkpoint {path} does not match the model: {real_missing[:3]}")
+        return
+    state = load_file(str(model_dir / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied embeddings are saved once; anything else missing is a real mismatch.
+    real_missing = [k for k in missing if not k.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: {real_missing[:3]}")
+
+
+def restore_training(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainState:
+    """Load optimizer, scheduler and RNG states from ``path`` (the weights are loaded first, by
+    :func:`restore_weights`); returns the train state."""
+    from mtrl_local.train.distributed import is_sharded, load_optimizer_state
+
     optim = torch.load(path / "optim.pt", weights_only=False)
-    optimizer.load_state_dict(optim["optimizer"])
+    layout = optim.get("layout", "plain")
+    wanted = "fsdp" if is_sharded(model) else "plain"
+    if layout != wanted:
+        raise UserError(
+            f"{path}: written with fsdp={layout == 'fsdp'}; resume with the same fsdp setting"
+        )
+    load_optimizer_state(model, optimizer, optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     _set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return load_train_state(path)

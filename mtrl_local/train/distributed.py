@@ -13,14 +13,23 @@ equals the single-process one on the same batch (a test checks it with two CPU p
 
 ``accelerate launch`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; :func:`setup` starts
 ``torch.distributed`` through Accelerate (gloo on CPU, NCCL on CUDA) when they ask for more than
-one process. FSDP is not done: the models this trainer runs fit one device (see README).
+one process.
+
+With ``fsdp = true`` the trained model is sharded instead of replicated (PyTorch FSDP2,
+``fully_shard``: each decoder layer one unit, embeddings/norm/head the root unit): every process
+holds 1/N of the parameters, gradients and optimizer state, and a forward all-gathers one layer
+at a time. Sampling needs whole weights at every step of a generation that differs between
+processes (which collective-per-layer forwards cannot serve), so each process keeps a plain
+inference copy for its sampler and evaluation, refreshed from the gathered weights after every
+optimizer step: the training state (weights, gradients, two Adam moments: 4× the weights in
+fp32) is what no longer has to fit one device, the inference copy still does.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -104,13 +113,83 @@ def shard(info: DistInfo, items: list[T]) -> list[T]:
     return items[info.rank :: info.world] if info.active else items
 
 
+# -- FSDP ------------------------------------------------------------------------------------------
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` in place over the process group (FSDP2): one unit per decoder layer and
+    the root. Gradients are *summed* over processes, as the data-parallel path sums them: the
+    loss is already normalised by the global token count (:mod:`mtrl_local.train.update`)."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    units = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    for unit in units:
+        fully_shard(unit)
+    fully_shard(model)
+    for unit in [*units, model]:
+        fsdp_unit = cast(FSDPModule, unit)
+        fsdp_unit.set_gradient_divide_factor(1.0)
+        # A plain SUM (gloo has no pre-multiplied sum; with the factor 1 nothing is scaled).
+        fsdp_unit.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's weights, on every process (a collective when ``model`` is sharded:
+    every process must call it)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state to checkpoint: its own ``state_dict`` or, for a sharded model, the
+    whole state keyed by parameter name on process 0 (a collective: every process calls it)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Inverse of :func:`optimizer_state` (every process passes the whole saved state)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=options)
+
+
 __all__ = [
     "DistInfo",
     "barrier",
     "broadcast",
     "device_for",
+    "full_state_dict",
     "gather",
+    "is_sharded",
+    "load_optimizer_state",
+    "optimizer_state",
     "requested_world",
     "setup",
     "shard",
+    "shard_model",
 ]

@@ -97,6 +97,13 @@ class Reference:
                 p.requires_grad_(False)
         self._model = model
 
+    def shard(self) -> None:
+        """Shard the frozen copy like the policy (FSDP); the LoRA reference is the policy."""
+        if self._frozen is not None:
+            from mtrl_local.train.distributed import shard_model
+
+            shard_model(self._frozen)
+
     @contextlib.contextmanager
     def module(self) -> Iterator[torch.nn.Module]:
         """The reference network: the adapter disabled, or the frozen copy."""

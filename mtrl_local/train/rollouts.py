@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 from mtrl_local.rollout.backend import GenerationBackend, SamplingParams
 from mtrl_local.rollout.engine import RolloutEngine
 from mtrl_local.rollout.transformers_backend import TransformersBackend
+from mtrl_local.train.distributed import full_state_dict
 from mtrl_local.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,10 @@ class RolloutSource:
         device: torch.device,
         max_batch: int,
         backend: GenerationBackend | None = None,
+        sampler: torch.nn.Module | None = None,
     ) -> None:
+        """``sampler``: a whole copy of the weights to sample with when ``model`` is sharded
+        (FSDP); it gets the policy's weights after every step."""
         self.task = task
         self.n_samples = n_samples
         self.sampling = sampling
@@ -97,10 +101,14 @@ class RolloutSource:
         self.dropped = 0
         self._error: BaseException | None = None
         #: Sync with the built-in backend: the sampler shares the trainer's module (no copy).
-        self._shared = backend is None and self.staleness == 0
+        self._shared = backend is None and sampler is None and self.staleness == 0
         self.backend: GenerationBackend
         if backend is not None:
             self.backend = backend  # any GenerationBackend (vLLM, scripted, a remote server)
+        elif sampler is not None:
+            self.backend = TransformersBackend(
+                cast(PreTrainedModel, sampler), tokenizer, device=device, max_batch=max_batch
+            )
         elif self._shared:
             self.backend = TransformersBackend(
                 cast(PreTrainedModel, model), tokenizer, device=device, max_batch=max_batch
@@ -182,7 +190,8 @@ class RolloutSource:
             # Same module: only the cached keys/values (computed with old weights) must go.
             cast(TransformersBackend, self.backend).invalidate(version)
             return
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # Whole weights even from a sharded (FSDP) policy: a collective every process joins.
+        state = {k: v.detach().clone() for k, v in full_state_dict(model).items()}
         if self.staleness == 0:
             self.backend.load_state_dict(state, version)
             return

@@ -7,8 +7,9 @@ Each step (DESIGN.md §3, §5–§10):
 2. score them with the reward (scalar or per turn) and the strict scorer;
 3. compute group advantages by name (``advantage_method``);
 4. one optimizer step over the whole batch: each trajectory is one sequence (sequence extension),
-   micro-batched by a token budget, the loss picked by name (``loss_type``) with the global token
-   count as normaliser so accumulation equals the full-batch loss;
+   a group's shared prompt run once (``share_prefix``), micro-batched by a token budget, the loss
+   picked by name (``loss_type``) with the global token count as normaliser so accumulation
+   equals the full-batch loss;
 5. hand the new weights to the sampler; log every §9 metric to the run store and MLflow; run the
    §10 diagnostics; evaluate on val every ``eval_steps``; checkpoint every ``save_steps``.
 
@@ -21,6 +22,7 @@ model when ``beta = 0`` (they add no gradient).
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -43,7 +45,8 @@ from mtrl_local.train import distributed as dd
 from mtrl_local.train.checkpoint import (
     TrainState,
     latest_checkpoint,
-    restore_checkpoint,
+    restore_training,
+    restore_weights,
     save_checkpoint,
 )
 from mtrl_local.train.policy import (
@@ -102,19 +105,18 @@ class Trainer:
         self.dist = dd.setup(cpu=not torch.cuda.is_available())
         if self.dist.active:
             self._check_distributed(cfg, source_factory is not None)
+        elif cfg.fsdp:
+            raise UserError(
+                "config: fsdp shards the model over several processes; start with `accelerate "
+                "launch --multi_gpu --num_processes N -m mtrl_local.cli train …` (N ≥ 2) or set "
+                "fsdp=false"
+            )
         self.progress = progress and self.dist.main
         self.device = dd.device_for(self.dist)
         _seed_all(cfg.seed)
         self.model_path = resolve_model_path(cfg.model, progress=progress)
         self.model, self.tokenizer = load_policy(cfg, self.model_path, self.device)
-        self.params = trainable_parameters(self.model)
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
-        )
-        warmup = max(cfg.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
-        )
+        # The reference is the model before any training, a resumed run's too.
         self.reference = Reference(self.model, cfg.lora_rank > 0) if cfg.beta > 0 else None
         self.max_turns = cfg.max_turns or self.task.max_turns
         self.train_cases = self.task.cases("train")
@@ -130,11 +132,29 @@ class Trainer:
         dd.barrier(self.dist)  # all have looked before process 0 creates it
         if not resume and exists:
             raise UserError(f"{self.run_dir}: a run exists there; use --resume to continue it")
+        ckpt = latest_checkpoint(self.run_dir) if resume else None
+        if ckpt is not None:
+            restore_weights(ckpt, self.model)
+        #: Under FSDP the policy is sharded; this whole copy samples, evaluates and is saved
+        #: (its weights are replaced by the policy's after every optimizer step).
+        self.sampler_model: torch.nn.Module | None = None
+        if cfg.fsdp:
+            self.sampler_model = copy.deepcopy(self.model)
+            dd.shard_model(self.model)
+            if self.reference is not None:
+                self.reference.shard()
+        self.params = trainable_parameters(self.model)
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+        )
+        warmup = max(cfg.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0
+        )
+        if ckpt is not None:
+            self.state = restore_training(ckpt, self.model, self.optimizer, self.scheduler)
+            logger.info("resumed from %s (step %d)", ckpt, self.state.step)
         if resume:
-            ckpt = latest_checkpoint(self.run_dir)
-            if ckpt is not None:
-                self.state = restore_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-                logger.info("resumed from %s (step %d)", ckpt, self.state.step)
             if self.dist.main:
                 self._store = RunStore.open(self.run_dir)
                 self._store.record_config(asdict(cfg), "resume")
@@ -179,6 +199,7 @@ class Trainer:
             device=self.device,
             max_batch=cfg.per_device_train_batch_size,
             backend=rollout_backend,
+            sampler=self.sampler_model,
         )
 
     @property
@@ -386,6 +407,11 @@ class Trainer:
                 state.data_position, state.epoch = batch.data_position, batch.epoch
                 state.dropped_stale = self.source.dropped
                 self.source.update_weights(self.model, state.policy_version)
+                save_due = cfg.save_steps > 0 and (
+                    state.step % cfg.save_steps == 0 or state.step == cfg.max_steps
+                )
+                # Under FSDP gathering the optimizer state is a collective: every process.
+                optim_state = dd.optimizer_state(self.model, self.optimizer) if save_due else None
                 new_tokens, rollout_s = batch.new_tokens, batch.wall_s
                 if self.dist.active:
                     # Process 0 logs and stores the whole batch: every process's episodes.
@@ -433,10 +459,15 @@ class Trainer:
                 for f in findings:
                     if f.step == state.step:
                         logger.warning("diagnostic [%s] %s → %s", f.code, f.message, f.first_change)
-                if cfg.save_steps > 0 and (
-                    state.step % cfg.save_steps == 0 or state.step == cfg.max_steps
-                ):
-                    save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler)
+                if optim_state is not None:
+                    save_checkpoint(
+                        self.run_dir,
+                        state,
+                        self.weights_model,
+                        optim_state,
+                        self.scheduler,
+                        sharded=cfg.fsdp,
+                    )
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
@@ -464,9 +495,14 @@ class Trainer:
             if t.group_id == group:
                 self.tracker.log_trajectory_trace(t, step=step)
 
+    @property
+    def weights_model(self) -> torch.nn.Module:
+        """The policy's weights as one unsharded module (under FSDP: the sampler's copy)."""
+        return self.sampler_model if self.sampler_model is not None else self.model
+
     def export(self) -> Path:
         """The final model as a plain HF directory (LoRA merged) in the run directory."""
-        out = export_model(self.model, self.tokenizer, self.run_dir / FINAL_MODEL_DIR)
+        out = export_model(self.weights_model, self.tokenizer, self.run_dir / FINAL_MODEL_DIR)
         logger.info("final model: %s", out)
         return out
 

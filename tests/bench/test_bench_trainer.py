@@ -13,7 +13,8 @@ Measured in one run, all as ratios (a shared CPU makes absolute seconds noisy):
 2. **Sequence extension vs one sample per turn**: forward+backward tokens per step when each
    trajectory is one sequence vs when each turn's whole context is its own sample, computed from
    the same trajectories (a turn's context ends at its ``TurnSpan.end``), plus one update timed
-   each way on the same weights.
+   each way on the same weights, and a third time with each group's shared prompt run once
+   (``share_prefix``, the trainer's default, so the step times of 1. include it).
 3. **Async vs sync**: median step time of the ``Trainer`` at ``max_steps_off_policy`` 1 vs 0.
 
 The model: the default model's shape (``DefaultModelSpec``: hidden 128, 2 layers) over a
@@ -67,6 +68,7 @@ dropped as warm-up, the median of the rest. Threads default to 1 (``MTRL_BENCH_T
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import logging
@@ -301,9 +303,13 @@ def per_turn_samples(
 
 
 def timed_update(
-    trainer: Trainer, trajectories: list[Trajectory], advantages: list[torch.Tensor]
+    trainer: Trainer,
+    trajectories: list[Trajectory],
+    advantages: list[torch.Tensor],
+    share_prefix: bool,
 ) -> tuple[float, float]:
-    """Seconds and trained tokens of one update on a copy of the trainer's current weights."""
+    """Seconds and forward/backward tokens of one update on a copy of the trainer's current
+    weights."""
     model = copy.deepcopy(trainer.model)
     params = trainable_parameters(model)
     opt = torch.optim.AdamW(params, lr=LEARNING_RATE)
@@ -317,7 +323,8 @@ def timed_update(
         device=trainer.device,
     )
     started = time.perf_counter()
-    metrics = update_policy(ctx, trainer.cfg, trajectories, advantages)
+    cfg = dataclasses.replace(trainer.cfg, share_prefix=share_prefix)
+    metrics = update_policy(ctx, cfg, trajectories, advantages)
     return time.perf_counter() - started, metrics["train/tokens"]
 
 
@@ -330,15 +337,19 @@ def sequence_extension(
         seq_tokens.append(sum(len(t.input_ids) for t in kept))
         turn_tokens.append(sum(span.end for t in kept for span in t.turns))
     trajs, advs = batches[-1]
-    seq_s, seq_trained = timed_update(trainer, trajs, advs)
-    turn_s, turn_trained = timed_update(trainer, *per_turn_samples(trajs, advs))
+    seq_s, seq_trained = timed_update(trainer, trajs, advs, share_prefix=False)
+    shared_s, shared_trained = timed_update(trainer, trajs, advs, share_prefix=True)
+    turns = per_turn_samples(trajs, advs)
+    turn_s, turn_trained = timed_update(trainer, *turns, share_prefix=False)
     return {
         "tokens_per_step_sequence": statistics.mean(seq_tokens),
         "tokens_per_step_per_turn": statistics.mean(turn_tokens),
         "tokens_per_turn_over_sequence": statistics.mean(turn_tokens) / statistics.mean(seq_tokens),
         "update_sequence": {"seconds": seq_s, "trained_tokens": seq_trained},
+        "update_sequence_shared_prefix": {"seconds": shared_s, "trained_tokens": shared_trained},
         "update_per_turn": {"seconds": turn_s, "trained_tokens": turn_trained},
         "update_per_turn_over_sequence": turn_s / seq_s,
+        "update_shared_prefix_over_sequence": shared_s / seq_s,
     }
 
 
@@ -508,6 +519,7 @@ def test_bench_trainer_vs_trl(
         "async_over_sync_step_time": async_s / mtrl_s,
         "per_turn_over_sequence_tokens": seq_ext["tokens_per_turn_over_sequence"],
         "per_turn_over_sequence_update_time": seq_ext["update_per_turn_over_sequence"],
+        "shared_prefix_over_sequence_update_time": seq_ext["update_shared_prefix_over_sequence"],
     }
     benchmark.extra_info.update(results)
     logger.info("trainer benchmark:\n%s", json.dumps(results, indent=2))
