@@ -256,6 +256,39 @@ def check_stall(
     )
 
 
+def check_tool_use_collapse(
+    history: History, *, start: int = 5, recent: int = 5, ratio: float = 0.5
+) -> Finding | None:
+    """Episodes now make at most ``ratio`` × the tool calls they made at the start (means of the
+    first ``start`` and last ``recent`` points of ``rollout/tool_calls/mean``, at least
+    ``start + recent`` points, and at least 1 call per episode at the start).
+
+    The policy answers before reading what the procedure needs: a shortcut that pays when an
+    answer can be guessed from how answers are distributed. Measured on aircraft_inspection,
+    where 42 % of test cases are all-pass: with two optimizer steps per batch the default model
+    went from 6.8 to 1.4 tool calls per episode, val TSR rose 0.06 → 0.24 on guessed all-pass
+    answers, then test TSR fell 0.10 → 0.04. The reward-hacking check does not see it while val
+    rewards the same guess."""
+    points = _clean(history.get(M.TOOL_CALLS_MEAN))
+    if len(points) < start + recent:
+        return None
+    before = _mean(points[:start])
+    now = _mean(points[-recent:])
+    if before < 1.0 or now > ratio * before:
+        return None
+    return Finding(
+        "tool_use_collapse",
+        "warning",
+        points[-1][0],
+        f"episodes now make {now:.1f} tool calls (first steps: {before:.1f}): the policy "
+        "answers without reading the tools",
+        {"tool_calls_start": before, "tool_calls_now": now},
+        "lower learning_rate or num_iterations; check how often a guessed (majority) answer "
+        "scores under the reward and the strict scorer",
+        f"{M.TOOL_CALLS_MEAN} back near the reference's; val TSR on episodes that call the tools",
+    )
+
+
 def check_truncation(history: History, *, limit: float = 0.05, recent: int = 3) -> Finding | None:
     """More than ``limit`` (5 %) of rollouts had a turn cut at ``sampling_max_tokens`` (mean of
     the last ``recent`` points): cut turns lose their answer or tool call."""
@@ -345,6 +378,7 @@ CHECKS: tuple[Callable[[History], Finding | None], ...] = (
     check_reward_over_strict,
     check_reward_collapse,
     check_stall,
+    check_tool_use_collapse,
     check_truncation,
     check_failures,
     check_valid_mean_low,

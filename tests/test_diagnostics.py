@@ -30,6 +30,7 @@ def healthy() -> dict[str, list[tuple[int, float]]]:
         M.ZERO_ADV_GROUPS: series(lambda s: 0.2),
         M.TRUNCATED_FRAC: series(lambda s: 0.01),
         M.FAILURE_RATE: series(lambda s: 0.0),
+        M.TOOL_CALLS_MEAN: series(lambda s: 6.8 - 0.01 * s + wiggle(s)),
     }
 
 
@@ -105,6 +106,20 @@ def test_reward_collapse() -> None:
     # a dip to half the peak is not a collapse
     h[M.REWARD_MEAN] = series(lambda s: 0.1 + 0.012 * s if s < 50 else 0.35)
     assert D.check_reward_collapse(h) is None
+
+
+def test_tool_use_collapse() -> None:
+    """The measured shortcut: 6.8 tool calls per episode at the start, 1.4 after 60 steps."""
+    h = healthy()
+    h[M.TOOL_CALLS_MEAN] = series(lambda s: max(6.8 - 0.1 * s, 1.4))
+    f = D.check_tool_use_collapse(h)
+    assert f is not None and f.severity == "warning"
+    assert f.evidence["tool_calls_now"] == pytest.approx(1.4)
+    assert "tool_use_collapse" in codes(h)
+    h[M.TOOL_CALLS_MEAN] = series(lambda s: max(6.8 - 0.1 * s, 4.0))  # fewer, not collapsed
+    assert D.check_tool_use_collapse(h) is None
+    h[M.TOOL_CALLS_MEAN] = series(lambda s: 0.5)  # a task without tools says nothing
+    assert D.check_tool_use_collapse(h) is None
 
 
 def test_stall_with_healthy_knobs() -> None:
