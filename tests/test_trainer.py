@@ -443,6 +443,29 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
     assert "Traceback" not in plain.stderr
 
 
+def test_fsdp_with_lora_and_a_kl_term(tiny_model: Path, tmp_path: Path) -> None:
+    """FSDP over a peft model: the adapter trains, the KL reference (the adapter disabled) runs
+    sharded, and the exported model differs from the base only in the adapted projections."""
+    from mtrl_local.models.default import load_model
+
+    args = ["train", "--model", str(tiny_model), "--output-dir", str(tmp_path)]
+    args += ["--run-name", "lora", "--no-baseline", "--no-final-eval", "max_steps=2"]
+    args += ["num_generations=2", "batch_size=8", "sampling_max_tokens=48", "eval_steps=0"]
+    args += ["save_steps=2", "mlflow=false", "learning_rate=1e-2", "fsdp=true", "lora_rank=4"]
+    args += ["beta=0.1", "reward=tests.trainer_fixtures:digit_share_reward"]
+    proc = _run([*TWO_PROCESSES, "-m", "mtrl_local.cli", *args])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with RunStore.open(tmp_path / "lora", readonly=True) as store:
+        kl = dict(store.metric_series("train/kl"))
+    assert kl[2] > 0  # the policy has moved away from the reference after one step
+    start, _ = load_model(tiny_model)
+    tuned, _ = load_model(tmp_path / "lora" / "final_model")
+    p0, p1 = params_of(start), params_of(tuned)
+    changed = {k for k in p0 if not torch.equal(p0[k], p1[k])}
+    targets = {"q_proj", "k_proj", "v_proj", "o_proj"}  # the default lora_target_modules
+    assert changed and all(k.rsplit(".", 2)[-2] in targets for k in changed), changed
+
+
 def test_fsdp_needs_several_processes(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="fsdp shards the model over several processes"):
         Trainer(small_config(tiny_model, tmp_path, fsdp=True), progress=False)
