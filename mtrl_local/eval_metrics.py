@@ -16,7 +16,7 @@ from typing import Any
 from mtrl_local.env.actions import has_final_response, parse_tool_calls
 from mtrl_local.trajectory import Trajectory
 from rewards.parsing import parse_answer
-from rewards.strict import field_matches, strict_score
+from rewards.strict import field_matches, normalize, strict_score
 from rewards.types import scalar
 
 
@@ -95,7 +95,10 @@ def summarize(
     ``max_turns_frac``, ``tool_calls_mean``, ``tool_errors_frac``, ``truncated_frac``,
     ``failure_rate``, ``first_turn_tool_call_frac``, ``reward_strict_disagree_frac``,
     ``reward_over_strict_frac``, ``done_reasons``, ``counters`` (the engine's per-trajectory
-    counters summed: malformed tool calls, unknown tools…), ``per_case``.
+    counters summed: malformed tool calls, unknown tools…), ``per_case``, ``outcome_field``,
+    ``tsr_by_outcome``
+    (with the task's ``outcome_field``: ``{value: {"trajectories": n, "tsr": …}}`` per
+    ground-truth value, most common first; otherwise ``{}``).
 
     Scores (TSR, pass@k, completion, field accuracy, reward) are over all trajectories, an
     environment failure scoring 0; behaviour statistics (turns, tool calls, truncation) are over
@@ -181,6 +184,8 @@ def summarize(
             "reward_over_strict_frac": over_scored(lambda i: ok_reward[i] and strict[i] == 0.0),
             "done_reasons": dict(Counter(str(t.done_reason) for t in trajectories).most_common()),
             "counters": dict(sorted(counters.items())),
+            "outcome_field": getattr(task, "outcome_field", None),
+            "tsr_by_outcome": _tsr_by_outcome(trajectories, strict, task),
             "per_case": {
                 cid: {
                     "samples": len(ix),
@@ -192,6 +197,26 @@ def summarize(
         }
     )
     return summary
+
+
+def _tsr_by_outcome(
+    trajectories: Sequence[Trajectory], strict: Sequence[float], task: Any
+) -> dict[str, dict[str, float]]:
+    """Strict TSR per ground-truth value of ``task.outcome_field`` (most common value first).
+
+    Why: when one outcome is common (42 % of aircraft_inspection's test cases are "ready"), a
+    policy can raise TSR by giving that outcome more often without reading the case. Measured:
+    a ``make train`` run went 0.10 → 0.20 overall while the not-ready cases went 3/58 → 1/58.
+    """
+    field_name = getattr(task, "outcome_field", None)
+    if not field_name:
+        return {}
+    groups: dict[str, list[float]] = defaultdict(list)
+    for traj, score in zip(trajectories, strict, strict=True):
+        if field_name in traj.ground_truth:
+            groups[normalize(traj.ground_truth[field_name])].append(score)
+    ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    return {value: {"trajectories": len(v), "tsr": _mean(v)} for value, v in ordered}
 
 
 def val_metrics(summary: Mapping[str, Any], prefix: str = "val") -> dict[str, float]:

@@ -456,6 +456,13 @@ def format_table(reports: EvalReport | Sequence[EvalReport], title: str | None =
             continue  # pass@n is pass@1
         values = [res.summary.get(key.format(n=n)) for (_, res), n in zip(columns, ns, strict=True)]
         add(row_label.format(n="n" if len(set(ns)) > 1 else ns[0]), values, kind)
+        if key == "tsr":  # per outcome (the task's decision field), most common first
+            by_outcome = [res.summary.get("tsr_by_outcome") or {} for _, res in columns]
+            outcome = next((r.summary.get("outcome_field") for _, r in columns), None)
+            for value in dict.fromkeys(v for b in by_outcome for v in b):
+                n = max(b.get(value, {}).get("trajectories", 0) for b in by_outcome)
+                label = f"  where {outcome or 'outcome'} = {value} ({n})"
+                add(label, [b.get(value, {}).get("tsr") for b in by_outcome], "frac")
         if key == "field_acc":  # the per-field breakdown right under the aggregate
             for name in fields:
                 by_field = [res.summary.get("field_acc_by_field", {}) for _, res in columns]

@@ -158,6 +158,10 @@ class Task:
     title: ClassVar[str]
     sop: ClassVar[str]
     output_fields: ClassVar[tuple[str, ...]]
+    #: The output field that says how a case came out (a decision such as ``aircraft_ready``);
+    #: evaluations report TSR per value of it, so that a model which learned to give the most
+    #: common outcome is told apart from one that reads the case. ``None``: no such field.
+    outcome_field: ClassVar[str | None] = None
     #: Turns of the longest reference walkthrough; ``max_turns = ceil(1.5 × reference_turns)``.
     reference_turns: ClassVar[int]
     n_cases: ClassVar[int] = 500

@@ -26,6 +26,7 @@ from mtrl_local.trajectory import Trajectory, TurnSpan
 from rewards.audit import no_answer_episode, with_answer
 from rewards.dense import dense_reward
 from rewards.parsing import parse_answer
+from rewards.strict import normalize
 from sopbench import get_task
 from sopbench.base import PolicyEpisode
 
@@ -222,6 +223,37 @@ def test_report_round_trip_and_table(
     assert "  aircraft_ready" in labels
     tsr_row = labels.index("TSR (strict)")
     assert list(table.columns[3].cells)[tsr_row] == "+0.250"
+    # TSR per outcome right under the aggregate, one row per ground-truth value
+    outcome_rows = [lab for lab in labels if lab.startswith("  where aircraft_ready = ")]
+    assert labels[tsr_row + 1 : tsr_row + 1 + len(outcome_rows)] == outcome_rows
+    assert len(outcome_rows) == len(tuned["tsr_by_outcome"])
+
+
+def test_tsr_by_outcome_splits_the_score_by_the_decision_field(
+    hand_made: tuple[list[Trajectory], list[PolicyEpisode]],
+) -> None:
+    """Only the reference sample (case A) succeeds: its outcome value has TSR 1/2 (A's two
+    samples), B's value 0 — or, if A and B share a value, 1/4 over all four."""
+    trajs, (a, b) = hand_made
+    s = summarize(trajs, get_task(TASK), 1.0, 2)
+    assert s["outcome_field"] == "aircraft_ready"
+    value_a = normalize(a.case.ground_truth["aircraft_ready"])
+    value_b = normalize(b.case.ground_truth["aircraft_ready"])
+    by = s["tsr_by_outcome"]
+    if value_a == value_b:
+        assert by == {value_a: {"trajectories": 4, "tsr": pytest.approx(0.25)}}
+    else:
+        assert by[value_a] == {"trajectories": 2, "tsr": pytest.approx(0.5)}
+        assert by[value_b] == {"trajectories": 2, "tsr": 0.0}
+    # A synthetic 3-vs-1 split, most common value first.
+    ready = [copy.deepcopy(t) for t in trajs]
+    for t, value in zip(ready, [True, True, True, False], strict=True):
+        t.ground_truth = {**t.ground_truth, "aircraft_ready": value}
+    by = summarize(ready, get_task(TASK), 1.0, 2)["tsr_by_outcome"]
+    assert list(by) == ["true", "false"] and by["true"]["trajectories"] == 3
+    assert summarize(trajs, get_task("customer_service"), 1.0, 2)["outcome_field"] == (
+        "final_resolution_status"
+    )
 
 
 def test_config_rejects_bad_values() -> None:

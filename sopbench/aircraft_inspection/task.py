@@ -347,6 +347,7 @@ class AircraftInspection(Task):
     title = "Pre-flight airworthiness inspection"
     sop = SOP
     output_fields = OUTPUT_FIELDS
+    outcome_field = "aircraft_ready"
     reference_turns = 10
     n_cases = 500
 

@@ -253,6 +253,7 @@ class CustomerService(Task):
     title = "Customer service (ISP support desk)"
     sop = SOP
     output_fields = ("final_resolution_status", "ticket_id")
+    outcome_field = "final_resolution_status"
     reference_turns = 9
     n_cases = 500
 

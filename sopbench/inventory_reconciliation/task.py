@@ -267,6 +267,7 @@ class InventoryReconciliation(Task):
         "net_variance_value",
         "approval_level",
     )
+    outcome_field = "approval_level"
     reference_turns = 4
     n_cases = 500
 
