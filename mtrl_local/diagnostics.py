@@ -251,7 +251,8 @@ def check_stall(
         f"{M.REWARD_MEAN} has stalled at {level:.3f} for {len(tail)} steps with healthy "
         "truncation, failures and group variance",
         {"level": level, "change": _change(tail), **knobs},
-        "double LoRA capacity (lora_rank/lora_alpha 32/64 → 64/128)",
+        "more capacity: double LoRA (lora_rank/lora_alpha 32/64 → 64/128); with full "
+        "fine-tuning (lora_rank 0), a larger model",
         "a higher reward ceiling within 50 steps",
     )
 
