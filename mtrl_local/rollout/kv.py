@@ -21,18 +21,29 @@ transformers builds no mask of its own: Llama/Qwen3-style decoders only call :me
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 
 
+def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
+    """The keyword parameters of the model's own forward (under a peft wrapper: the wrapped
+    model's), read once per model class."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
+    return _forward_parameters(type(base))
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)
+
+
 def cache_kwarg(model: torch.nn.Module) -> str:
     """The name the model's forward takes its KV cache under (transformers 5.24 renamed
     ``past_key_values`` to ``cache``; the old name still works, with a warning per call)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    params = inspect.signature(base.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 @dataclass

@@ -10,7 +10,6 @@ uneven trajectories needs few forward passes and never runs out of memory on a l
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mtrl_local.advantages import token_advantages
+from mtrl_local.rollout.kv import forward_parameters
 from mtrl_local.train.prefix import PrefixKV
 from mtrl_local.trajectory import Trajectory
 
@@ -125,16 +125,9 @@ def collate(examples: Sequence[TrainExample], pad_id: int) -> dict[str, Tensor]:
     }
 
 
-def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The ``*ForCausalLM`` module under a peft wrapper (LoRA layers stay injected in it)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _keeps_logits(model: torch.nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (HF causal LMs since 4.50)."""
-    forward = _causal_lm(model).forward
-    return "logits_to_keep" in inspect.signature(forward).parameters
+    return "logits_to_keep" in forward_parameters(model)
 
 
 def token_logprobs(
