@@ -336,6 +336,7 @@ def multi_turn_run(
     cases: list[Case],
     *,
     kv_reuse: bool = True,
+    share_prompt: bool = True,
     max_batch: int = 64,
     temperature: float = 0.0,
     seed: int = 0,
@@ -343,7 +344,9 @@ def multi_turn_run(
 ) -> tuple[list[Trajectory], TransformersBackend]:
     model = tiny_model(tok, arch=arch)
     force_tool_call_after_newline(model, tok)
-    backend = TransformersBackend(model, tok, kv_reuse=kv_reuse, max_batch=max_batch)
+    backend = TransformersBackend(
+        model, tok, kv_reuse=kv_reuse, max_batch=max_batch, share_prompt=share_prompt
+    )
     engine = RolloutEngine(backend, tok, max_batch=max_batch, progress=False)
     params = SamplingParams(temperature=temperature, max_tokens=6, seed=seed)
     return checked(engine.run(TASK, cases, sampling=params, max_turns=3)), backend
@@ -359,10 +362,68 @@ def test_kv_reuse_gives_the_same_greedy_tokens_as_re_prefill(
     assert [t.input_ids for t in reused] == [t.input_ids for t in fresh]
     flat = [x for t in fresh for x in t.behaviour_logprobs]
     assert [x for t in reused for x in t.behaviour_logprobs] == pytest.approx(flat)
-    # Turns 2 and 3 prefilled only the appended ids: most of the context was reused.
-    appended = backend.stats["prefill_tokens"] - sum(t.prompt_len for t in reused)
+    # Turns 2 and 3 prefilled only the appended ids: most of the context was reused. The prompt
+    # common to all episodes was prefilled once, not once per episode.
+    shared = backend.stats["shared_prefix_tokens"]
+    assert shared > 0.5 * min(t.prompt_len for t in reused)
+    first_turns = sum(t.prompt_len for t in reused) - (len(reused) - 1) * shared
+    appended = backend.stats["prefill_tokens"] - first_turns
     assert 0 < appended < 0.05 * backend.stats["reused_tokens"]
     assert backend.cached_episodes == 0  # released at the end
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_shared_prompt_attention_equals_per_row_attention(
+    tok: PreTrainedTokenizerBase, cases: list[Case], arch: str, temperature: float
+) -> None:
+    """The prompt run once and attended to by every row (split attention, merged by log-sum-exp)
+    gives the tokens and logprobs of every row holding its own copy (grouped-query heads too)."""
+    shared, backend = multi_turn_run(tok, cases, arch=arch, temperature=temperature, seed=3)
+    own, plain = multi_turn_run(
+        tok, cases, arch=arch, temperature=temperature, seed=3, share_prompt=False
+    )
+    assert [t.input_ids for t in shared] == [t.input_ids for t in own]
+    flat = [x for t in own for x in t.behaviour_logprobs]
+    assert [x for t in shared for x in t.behaviour_logprobs] == pytest.approx(flat, abs=1e-9)
+    prompt = min(t.prompt_len for t in shared)
+    assert backend.stats["shared_prefix_tokens"] > 0.5 * prompt
+    assert plain.stats["shared_prefix_tokens"] == 0
+    saved = (len(shared) - 1) * backend.stats["shared_prefix_tokens"]
+    assert plain.stats["prefill_tokens"] - backend.stats["prefill_tokens"] == saved
+    assert backend.model.config._attn_implementation == "sdpa"  # restored after each call
+
+
+def test_a_new_prompt_replaces_the_shared_prefix_and_stale_entries_re_prefill(
+    tok: PreTrainedTokenizerBase,
+) -> None:
+    """Turn 2 of the same episodes reuses the shared prefix; a call whose contexts do not start
+    with it builds a new one, and an episode cached under the old one is re-prefilled (same
+    tokens as a backend that never shared)."""
+    from mtrl_local.rollout import GenerationRequest
+
+    model = tiny_model(tok)
+    gen = torch.Generator().manual_seed(1)
+    head = torch.randint(10, len(tok), (40,), generator=gen).tolist()
+    other = torch.randint(10, len(tok), (40,), generator=gen).tolist()
+    tails = [torch.randint(10, len(tok), (n,), generator=gen).tolist() for n in (5, 9, 3)]
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    def run(backend: TransformersBackend) -> list[list[int]]:
+        out = []
+        ctx = {f"e{i}": head + t for i, t in enumerate(tails)}
+        ctx["x0"], ctx["x1"] = other + tails[0], other + tails[1]
+        for keys in (["e0", "e1", "e2"], ["e0", "e1", "e2"], ["x0", "x1"], ["e0", "e2"]):
+            results = backend.generate([GenerationRequest(k, ctx[k]) for k in keys], params)
+            for k, r in zip(keys, results, strict=True):
+                out.append(r.token_ids)
+                ctx[k] = ctx[k] + r.token_ids + [11, 12]
+        return out
+
+    sharing = TransformersBackend(model, tok)
+    assert run(sharing) == run(TransformersBackend(model, tok, share_prompt=False))
+    # Built for e*, rebuilt for x*, rebuilt for e* (e0 and e2 re-prefilled their own ids).
+    assert sharing.stats["shared_prefix_tokens"] == 40 * 3
 
 
 def test_sampling_is_seeded_and_independent_of_batch_layout(

@@ -286,8 +286,8 @@ def _symbol_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[
 
 def _markers(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     return (
-        tokenizer.convert_tokens_to_ids("</tool_call>"),
-        tokenizer.convert_tokens_to_ids("<tool_call>"),
+        int(tokenizer.convert_tokens_to_ids("</tool_call>")),  # type: ignore[arg-type]
+        int(tokenizer.convert_tokens_to_ids("<tool_call>")),  # type: ignore[arg-type]
     )
 
 

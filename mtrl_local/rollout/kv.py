@@ -21,23 +21,26 @@ transformers builds no mask of its own: Llama/Qwen3-style decoders only call :me
 
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass
 
 import torch
 
+from mtrl_local.rollout.shared_prefix import SharedPrefix
+
 
 def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
     """The keyword parameters of the model's own forward (under a peft wrapper: the wrapped
     model's), read once per model class."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    return _forward_parameters(type(base))
+    unwrap = getattr(model, "get_base_model", None)  # peft
+    base: torch.nn.Module = unwrap() if callable(unwrap) else model
+    cls = type(base)
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return _FORWARD_PARAMETERS[cls]
 
 
-@functools.cache
-def _forward_parameters(cls: type) -> frozenset[str]:
-    return frozenset(inspect.signature(cls.forward).parameters)
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
 
 
 def cache_kwarg(model: torch.nn.Module) -> str:
@@ -61,8 +64,15 @@ class CacheEntry:
     #: The source batch buffer.  # (L, 2, B, H_kv, S, D)
     kv: torch.Tensor
     row: int
-    #: Slot ranges ``[start, end)`` of ``row`` holding ``ids``, in order.
+    #: Slot ranges ``[start, end)`` of ``row`` holding ``ids``, in order (after ``shared``).
     ranges: list[tuple[int, int]]
+    #: The shared prefix whose keys/values stand for the first ids (not stored in the row).
+    shared: SharedPrefix | None = None
+
+    @property
+    def own(self) -> int:
+        """How many of ``ids`` the row itself holds."""
+        return len(self.ids) - (len(self.shared) if self.shared is not None else 0)
 
 
 class SlotCache:
@@ -89,6 +99,19 @@ class SlotCache:
         #: Where the current forward call writes: rows ``rows`` and slots ``start:start+q``.
         self.rows = slice(None)
         self.start = 0
+        #: Keys/values every row attends to before its own slots (shared_prefix.py).
+        self.shared: SharedPrefix | None = None
+        #: Layers of the current forward call that attended to ``shared`` (a safety check).
+        self.shared_reads = 0
+
+    @property
+    def shared_kv(self) -> torch.Tensor | None:  # (L, 2, H_kv, P, D)
+        return None if self.shared is None else self.shared.kv
+
+    @property
+    def offset(self) -> int:
+        """Position of the first own slot token: the shared prefix's length."""
+        return 0 if self.shared is None else len(self.shared)
 
     @property
     def capacity(self) -> int:
@@ -124,9 +147,10 @@ class SlotCache:
     def put(self, row: int, entry: CacheEntry | None, end: int) -> None:
         """Place a stored entry in ``row`` so that it ends just before slot ``end``.
 
-        The slots before it (left padding) are zeroed.
+        The slots before it (left padding) are zeroed. The entry must have been taken under the
+        same shared prefix as this cache.
         """
-        n = 0 if entry is None else len(entry.ids)
+        n = 0 if entry is None else entry.own
         self.zero_slots(row, 0, end - n)
         if entry is None or n == 0:
             return
@@ -135,13 +159,15 @@ class SlotCache:
             self.kv[:, :, row, :, at : at + b - a] = entry.kv[:, :, entry.row, :, a:b]
             at += b - a
         self.valid[row, end - n : end] = True
-        self.positions[row, end - n : end] = torch.arange(n, device=self.positions.device)
+        p = self.offset
+        self.positions[row, end - n : end] = torch.arange(p, p + n, device=self.positions.device)
 
     def take(self, row: int, ids: list[int]) -> CacheEntry:
         """The valid slots of ``row`` as an entry for ``ids`` (no copy, see :class:`CacheEntry`)."""
         idx = self.valid[row].nonzero().squeeze(1)
-        if idx.numel() != len(ids):
-            raise RuntimeError(f"cache row holds {idx.numel()} tokens, expected {len(ids)}")
+        if idx.numel() != len(ids) - self.offset:
+            expected = len(ids) - self.offset
+            raise RuntimeError(f"cache row holds {idx.numel()} tokens, expected {expected}")
         ranges: list[tuple[int, int]] = []
         if idx.numel():
             breaks = ((idx[1:] - idx[:-1]) != 1).nonzero().squeeze(1).tolist()
@@ -149,7 +175,7 @@ class SlotCache:
             ends = [*(i + 1 for i in breaks), idx.numel()]
             slots = idx.tolist()
             ranges = [(slots[a], slots[b - 1] + 1) for a, b in zip(starts, ends, strict=True)]
-        return CacheEntry(ids, self.kv, row, ranges)
+        return CacheEntry(ids, self.kv, row, ranges, self.shared)
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop every row not in ``rows`` (a copy of the kept rows; used when half are done)."""

@@ -12,6 +12,13 @@ edited history) falls back to a full prefill. ``kv_reuse=False`` always re-prefi
 under greedy; a test checks it). Memory: ``2 · layers · kv_heads · head_dim · dtype bytes`` per
 stored token and episode (hidden-128 default: 2 KiB/token in fp32; Qwen3-1.7B: 112 KiB in bf16).
 
+**Shared prompt** (``share_prompt``, on with KV reuse). The ids that begin every context of a call
+(the system turn: SOP and tool schemas) are run once and kept as one shared prefix; rows hold only
+what follows it, and attention splits into the shared part (one matrix product for all rows) and
+the row's own part, merged by their log-sum-exps (``shared_prefix.py``). A new episode prefills
+only its own ids, and a decode step reads the prompt's keys/values once instead of once per row.
+Same tokens and logprobs as per-row copies (tested, float64, to 1e-9).
+
 Decoders with sliding-window layers and flash-attention kernels are not supported (they need masks
 we do not build); Llama/Qwen3-style models with ``sdpa`` or ``eager`` attention are.
 """
@@ -34,6 +41,12 @@ from mtrl_local.rollout.backend import (
 )
 from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg
 from mtrl_local.rollout.sampling import sample
+from mtrl_local.rollout.shared_prefix import (
+    ATTENTION_NAME,
+    CACHE_KWARG,
+    SharedPrefix,
+    common_prefix_len,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +68,8 @@ class TransformersBackend:
         prefill_tokens: int = 8192,
         prefill_chunk: int = 1024,
         policy_version: int = 0,
+        share_prompt: bool = True,
+        min_shared_prefix: int = 16,
     ) -> None:
         config = model.config
         layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
@@ -71,6 +86,10 @@ class TransformersBackend:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.kv_reuse = kv_reuse
+        self.share_prompt = share_prompt and kv_reuse
+        self.min_shared_prefix = min_shared_prefix
+        self._attn_name = attn
+        self._shared: SharedPrefix | None = None
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
         self.prefill_chunk = prefill_chunk
@@ -91,8 +110,15 @@ class TransformersBackend:
             config.hidden_size // config.num_attention_heads
         )
         self._entries: dict[str, CacheEntry] = {}
-        #: Counters for benchmarks and tests: tokens prefilled, tokens reused from caches.
-        self.stats = {"prefill_tokens": 0, "reused_tokens": 0, "forward_calls": 0, "compactions": 0}
+        #: Counters for benchmarks and tests: tokens prefilled (shared prefixes included, once
+        #: each), tokens reused from caches (a row's own cached ids and its shared prefix).
+        self.stats = {
+            "prefill_tokens": 0,
+            "reused_tokens": 0,
+            "forward_calls": 0,
+            "compactions": 0,
+            "shared_prefix_tokens": 0,
+        }
 
     # -- the GenerationBackend protocol ----------------------------------------------------------
     def generate(
@@ -100,8 +126,9 @@ class TransformersBackend:
     ) -> list[GenerationResult]:
         """Sample one turn for every request, ``max_batch`` rows at a time."""
         out: list[GenerationResult] = []
+        shared = self._shared_for([list(r.context_ids) for r in requests])
         for i in range(0, len(requests), self.max_batch):
-            out.extend(self._generate_batch(requests[i : i + self.max_batch], params))
+            out.extend(self._generate_batch(requests[i : i + self.max_batch], params, shared))
         return out
 
     def release(self, key: str) -> None:
@@ -111,11 +138,13 @@ class TransformersBackend:
         """Load new weights; cached keys/values came from the old ones, so they are dropped."""
         self.model.load_state_dict(dict(state))
         self._entries.clear()
+        self._shared = None
         self.policy_version = version
 
     def invalidate(self, version: int) -> None:
         """The model object was updated in place (the trainer shares it): drop stale caches."""
         self._entries.clear()
+        self._shared = None
         self.policy_version = version
 
     @property
@@ -125,19 +154,28 @@ class TransformersBackend:
     # -- one batch -----------------------------------------------------------------------------
     @torch.inference_mode()
     def _generate_batch(
-        self, requests: Sequence[GenerationRequest], params: SamplingParams
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        shared: SharedPrefix | None = None,
     ) -> list[GenerationResult]:
         if not requests:
             return []
         B = len(requests)
         contexts = [list(r.context_ids) for r in requests]
-        entries = [self._reusable(r.key, ctx) for r, ctx in zip(requests, contexts, strict=True)]
-        cached = [len(e.ids) if e else 0 for e in entries]
+        if shared is not None and not all(shared.starts(c) for c in contexts):
+            shared = None
+        P = 0 if shared is None else len(shared)
+        entries = [
+            self._reusable(r.key, ctx, shared) for r, ctx in zip(requests, contexts, strict=True)
+        ]
+        cached = [len(e.ids) if e else P for e in entries]  # ids whose keys/values exist
         suffix = [ctx[c:] for ctx, c in zip(contexts, cached, strict=True)]
         budgets = [min(params.max_tokens, r.max_tokens or params.max_tokens) for r in requests]
         if min(budgets) < 1:
             raise ValueError("a request has no token budget left")
-        C, N, M = max(cached), max(len(s) for s in suffix), max(budgets)
+        # Slots hold only what follows the shared prefix.
+        C, N, M = max(c - P for c in cached), max(len(s) for s in suffix), max(budgets)
         # Rows sorted by suffix length (longest first) so that prefill groups are row ranges.
         order = sorted(range(B), key=lambda i: -len(suffix[i]))
         cache = SlotCache(
@@ -149,6 +187,7 @@ class TransformersBackend:
             dtype=self.model.dtype,
             device=self.device,
         )
+        cache.shared = shared
         ids = torch.full((B, N), self.pad_token_id, dtype=torch.long)  # (B, N): slots C..C+N
         for row, i in enumerate(order):
             cache.put(row, entries[i], C)
@@ -224,12 +263,56 @@ class TransformersBackend:
             self._store(cache, r, requests[i], contexts[i], sampled[i])
         return [GenerationResult(sampled[i], raw_lp[i], finish[i], picked_lp[i]) for i in range(B)]
 
-    def _reusable(self, key: str, context: list[int]) -> CacheEntry | None:
-        """The stored entry of ``key`` if it is a strict prefix of ``context``."""
+    def _shared_for(self, contexts: list[list[int]]) -> SharedPrefix | None:
+        """The shared prefix for a call over ``contexts``: the stored one if every context starts
+        with it, else a new one built from their common prefix (two contexts or more, at least
+        ``min_shared_prefix`` ids), else none."""
+        if not self.share_prompt or not contexts:
+            return None
+        current = self._shared
+        if current is not None and all(current.starts(c) for c in contexts):
+            return current
+        if len(contexts) < 2:
+            return None
+        n = common_prefix_len(contexts)
+        if n < self.min_shared_prefix:
+            return None
+        self._shared = self._build_shared(contexts[0][:n])
+        return self._shared
+
+    @torch.inference_mode()
+    def _build_shared(self, ids: list[int]) -> SharedPrefix:
+        """Run ``ids`` once (batch 1, positions from 0) and keep their keys/values."""
+        n = len(ids)
+        cache = SlotCache(
+            self._n_layers,
+            1,
+            self._n_kv_heads,
+            n,
+            self._head_dim,
+            dtype=self.model.dtype,
+            device=self.device,
+        )
+        cache.valid[0] = True
+        cache.positions[0] = torch.arange(n)
+        tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
+        for a in range(0, n, self.prefill_chunk):
+            self._forward(cache, tensor[:, a : a + self.prefill_chunk], slice(None), a)
+        self.stats["prefill_tokens"] += n
+        self.stats["shared_prefix_tokens"] += n
+        return SharedPrefix(list(ids), cache.kv[:, :, 0].clone())
+
+    def _reusable(
+        self, key: str, context: list[int], shared: SharedPrefix | None = None
+    ) -> CacheEntry | None:
+        """The stored entry of ``key`` if it is a strict prefix of ``context`` taken under the
+        same shared prefix."""
         if not self.kv_reuse:
             return None
         entry = self._entries.pop(key, None)
         if entry is None:
+            return None
+        if entry.shared is not shared:
             return None
         n = len(entry.ids)
         if n < len(context) and context[:n] == entry.ids:
@@ -289,16 +372,34 @@ class TransformersBackend:
         q = ids.shape[1]
         cache.rows, cache.start = rows, start
         mask = cache.mask(rows, start, q, self._additive_mask)
-        out = self.model(
-            input_ids=ids,
-            # A 4-D mask is used as given by every decoder's mask builder (a per-layer-type
-            # dict is understood by Qwen3-style models only, not by Llama).
-            attention_mask=mask,
-            position_ids=cache.positions[rows, start : start + q],
-            use_cache=True,
-            logits_to_keep=1,
-            **{self._cache_kwarg: cache},
-        )
+        extra: dict[str, Any] = {self._cache_kwarg: cache}
+        unwrap = getattr(self.model, "get_base_model", None)  # peft: the wrapped model's config
+        config = (unwrap() if callable(unwrap) else self.model).config
+        if cache.shared is not None:
+            extra[CACHE_KWARG] = cache
+            config._attn_implementation = ATTENTION_NAME
+            cache.shared_reads = 0
+        try:
+            out = self.model(
+                input_ids=ids,
+                # A 4-D mask is used as given by every decoder's mask builder (a per-layer-type
+                # dict is understood by Qwen3-style models only, not by Llama).
+                attention_mask=mask,
+                position_ids=cache.positions[rows, start : start + q],
+                use_cache=True,
+                logits_to_keep=1,
+                **extra,
+            )
+        finally:
+            if cache.shared is not None:
+                config._attn_implementation = self._attn_name
+        if cache.shared is not None and cache.shared_reads != self._n_layers:
+            # A model that does not route attention through the configured implementation
+            # would silently ignore the prompt: refuse rather than sample from a wrong context.
+            raise RuntimeError(
+                f"{type(self.model).__name__} did not use the shared-prompt attention in "
+                f"{self._n_layers - cache.shared_reads} layers; use share_prompt=False"
+            )
         self.stats["forward_calls"] += 1
         return out.logits[:, -1, :]
 

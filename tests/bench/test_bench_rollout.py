@@ -19,7 +19,9 @@ Measured in one run, on ``aircraft_inspection`` cases:
 * ceiling: one batched ``model.generate`` at the same batch, a prompt of the same length, the same
   number of new tokens per row as an episode samples in total (sampling, ``min_new_tokens``);
 * one at a time: the same engine and backend at ``max_batch=1`` on ``N_SERIAL`` episodes;
-* KV reuse on vs off on ``N_KV`` episodes (off re-prefills the whole context every turn).
+* KV reuse on vs off on ``N_KV`` episodes (off re-prefills the whole context every turn);
+* the shared prompt (run once, attended to by every row) vs each row holding its own copy, on
+  ``N_EPISODES`` episodes.
 
 Numbers on a shared CPU are noisy; threads default to 1 (``MTRL_BENCH_THREADS``).
 """
@@ -108,8 +110,11 @@ def run_engine(
     *,
     max_batch: int = 64,
     kv_reuse: bool = True,
+    share_prompt: bool = True,
 ) -> dict[str, float]:
-    backend = TransformersBackend(model, tok, kv_reuse=kv_reuse, max_batch=max_batch)
+    backend = TransformersBackend(
+        model, tok, kv_reuse=kv_reuse, max_batch=max_batch, share_prompt=share_prompt
+    )
     engine = RolloutEngine(backend, tok, max_batch=max_batch, progress=False)
     trajs = engine.run(TASK, TASK.cases("train")[:n], sampling=PARAMS, max_turns=MAX_TURNS)
     assert all(t.n_turns == MAX_TURNS for t in trajs), [t.done_reason for t in trajs]
@@ -121,6 +126,7 @@ def run_engine(
         "calls": s.generate_calls,
         "final_len": max(len(t.input_ids) for t in trajs),
         "prefill_tokens": backend.stats["prefill_tokens"],
+        "shared_prefix_tokens": backend.stats["shared_prefix_tokens"],
     }
 
 
@@ -159,6 +165,7 @@ def test_bench_rollout_throughput(benchmark: Any, tok: PreTrainedTokenizerBase) 
     serial = run_engine(forced, tok, N_SERIAL, max_batch=1)
     kv_on = run_engine(forced, tok, N_KV)
     kv_off = run_engine(forced, tok, N_KV, kv_reuse=False)
+    own_prompt = run_engine(forced, tok, N_EPISODES, share_prompt=False)
 
     results = {
         "prompt_len": prompt_len,
@@ -171,9 +178,11 @@ def test_bench_rollout_throughput(benchmark: Any, tok: PreTrainedTokenizerBase) 
         "one_at_a_time": serial,
         "kv_on": kv_on,
         "kv_off": kv_off,
+        "own_prompt_copies": own_prompt,
         "engine_over_ceiling": engine["tok_s"] / ceiling["tok_s"],
         "engine_over_one_at_a_time": engine["tok_s"] / serial["tok_s"],
         "kv_on_over_off": kv_on["tok_s"] / kv_off["tok_s"],
+        "shared_prompt_over_own_copies": engine["tok_s"] / own_prompt["tok_s"],
     }
     benchmark.extra_info.update(results)
     logger.info("rollout benchmark:\n%s", json.dumps(results, indent=2))
