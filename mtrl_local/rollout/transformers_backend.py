@@ -89,6 +89,9 @@ class TransformersBackend:
         self.share_prompt = share_prompt and kv_reuse
         self.min_shared_prefix = min_shared_prefix
         self._attn_name = attn
+        unwrap = getattr(model, "get_base_model", None)  # peft: the wrapped model's config
+        #: The config whose attention implementation selects the shared-prompt attention.
+        self._attn_config = (unwrap() if callable(unwrap) else model).config
         self._shared: SharedPrefix | None = None
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
@@ -373,8 +376,7 @@ class TransformersBackend:
         cache.rows, cache.start = rows, start
         mask = cache.mask(rows, start, q, self._additive_mask)
         extra: dict[str, Any] = {self._cache_kwarg: cache}
-        unwrap = getattr(self.model, "get_base_model", None)  # peft: the wrapped model's config
-        config = (unwrap() if callable(unwrap) else self.model).config
+        config = self._attn_config
         if cache.shared is not None:
             extra[CACHE_KWARG] = cache
             config._attn_implementation = ATTENTION_NAME
