@@ -29,12 +29,17 @@ import torch
 from mtrl_local.rollout.shared_prefix import SharedPrefix
 
 
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (``model`` itself when there is none)."""
+    unwrap = getattr(model, "get_base_model", None)
+    base: torch.nn.Module = unwrap() if callable(unwrap) else model
+    return base
+
+
 def forward_parameters(model: torch.nn.Module) -> frozenset[str]:
     """The keyword parameters of the model's own forward (under a peft wrapper: the wrapped
     model's), read once per model class."""
-    unwrap = getattr(model, "get_base_model", None)  # peft
-    base: torch.nn.Module = unwrap() if callable(unwrap) else model
-    cls = type(base)
+    cls = type(unwrapped(model))
     if cls not in _FORWARD_PARAMETERS:
         _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
     return _FORWARD_PARAMETERS[cls]

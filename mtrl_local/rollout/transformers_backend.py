@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mtrl_local.rollout.backend import (
     GenerationRequest,
@@ -39,7 +39,7 @@ from mtrl_local.rollout.backend import (
     SamplingParams,
     row_seed,
 )
-from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg
+from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg, unwrapped
 from mtrl_local.rollout.sampling import sample
 from mtrl_local.rollout.shared_prefix import (
     ATTENTION_NAME,
@@ -89,9 +89,8 @@ class TransformersBackend:
         self.share_prompt = share_prompt and kv_reuse
         self.min_shared_prefix = min_shared_prefix
         self._attn_name = attn
-        unwrap = getattr(model, "get_base_model", None)  # peft: the wrapped model's config
         #: The config whose attention implementation selects the shared-prompt attention.
-        self._attn_config = (unwrap() if callable(unwrap) else model).config
+        self._attn_config: PretrainedConfig = unwrapped(model).config  # type: ignore[assignment]
         self._shared: SharedPrefix | None = None
         self.max_batch = max_batch
         self.prefill_tokens = prefill_tokens
@@ -129,7 +128,9 @@ class TransformersBackend:
     ) -> list[GenerationResult]:
         """Sample one turn for every request, ``max_batch`` rows at a time."""
         out: list[GenerationResult] = []
-        shared = self._shared_for([list(r.context_ids) for r in requests])
+        shared = self._shared_for(
+            [list(r.context_ids) for r in requests]
+        )  # every one starts with it
         for i in range(0, len(requests), self.max_batch):
             out.extend(self._generate_batch(requests[i : i + self.max_batch], params, shared))
         return out
@@ -166,8 +167,6 @@ class TransformersBackend:
             return []
         B = len(requests)
         contexts = [list(r.context_ids) for r in requests]
-        if shared is not None and not all(shared.starts(c) for c in contexts):
-            shared = None
         P = 0 if shared is None else len(shared)
         entries = [
             self._reusable(r.key, ctx, shared) for r, ctx in zip(requests, contexts, strict=True)
