@@ -43,6 +43,9 @@ from mtrl_local.models.default import (
     default_model_path,
     load_model,
 )
+from sopbench import get_task
+from sopbench.aircraft_inspection import rules as aircraft_rules
+from sopbench.aircraft_inspection.task import recombined_inputs
 
 TINY = DefaultModelSpec(
     vocab_size=400,
@@ -64,6 +67,9 @@ TINY = DefaultModelSpec(
     verdict_batch_size=2,
     verdict_answers_per_sequence=2,
     refresh_steps=2,
+    evidence_steps=2,
+    evidence_batch_size=2,
+    evidence_refresh_steps=2,
     task_mix=(("customer_service", 1),),
     cases_per_task=6,
     copy_eval_items=3,
@@ -194,6 +200,83 @@ def test_verdict_stage_trains_ready_and_never_a_random_value(tiny_build: Path) -
             assert word not in trained
 
 
+# -- evidence stage --------------------------------------------------------------------------------
+def test_recombined_aircraft_take_each_verdict_from_its_source() -> None:
+    task = get_task("aircraft_inspection")
+    cases = task.cases("train")
+    rng = random.Random(0)
+    for _ in range(300):
+        a, b, c = (rng.choice(cases) for _ in range(3))
+        inputs = recombined_inputs(a.inputs, b.inputs, c.inputs, rng)
+        assert task.check_inputs(inputs) is None
+        truth = aircraft_rules.ground_truth("mix", inputs)
+        for field, source in (
+            ("mechanical_inspection_result", a),
+            ("component_incident_response", a),
+            ("component_mismatch_response", a),
+            ("electrical_inspection_result", b),
+            ("cross_check_reporting_response", c),
+        ):
+            assert (truth[field] in ("none", "pass", "consistent")) == (
+                source.ground_truth[field] in ("none", "pass", "consistent")
+            ), field
+    # The tools expose everything the rules decide on a recombined aircraft too.
+    episodes = [task.run_policy(task.recombined_case(cases, rng, i)) for i in range(20)]
+    assert all(e.strict for e in episodes)
+    assert {e.case.ground_truth["aircraft_ready"] for e in episodes} == {True, False}
+
+
+def _aircraft_episode(index: int = 0) -> Any:
+    task = get_task("aircraft_inspection")
+    return task.run_policy(task.cases("train")[index])
+
+
+def test_evidence_example_weights_the_answers_decisions(tiny_build: Path) -> None:
+    _, tok = load_model(tiny_build)
+    episode = _aircraft_episode(3)
+    ids, weights = sft_mod.evidence_example(tok, episode, 7.0)
+    mask = tok.apply_chat_template(
+        sft_mod._jsonable_messages(episode.messages),
+        tools=episode.tools,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )["assistant_masks"]
+    assert set(weights) == {0.0, 1.0, 7.0}
+    # Only the model's own tokens are trained; the decisions are among them.
+    assert [w > 0 for w in weights] == [bool(m) for m in mask]
+    heavy = tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0])
+    for field in sft_mod.EVIDENCE_FIELDS:
+        assert json.dumps(episode.case.ground_truth[field]) in heavy, field
+    assert episode.case.ground_truth["tail_number"] not in heavy
+
+
+def test_evidence_loss_with_a_shared_prefix_is_the_whole_sequence_loss(tiny_build: Path) -> None:
+    model, tok = load_model(tiny_build)
+    model = model.double().train()
+    batch = [sft_mod.evidence_example(tok, _aircraft_episode(i), 5.0) for i in range(3)]
+    loss, prefix, shared = sft_mod.evidence_loss(model, batch, int(tok.pad_token_id))
+    loss.backward()
+    assert prefix is not None and shared > 200  # the system turn
+    prefix.backward()
+    split = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    num, den = torch.zeros((), dtype=torch.float64), 0.0
+    for ids, weights in batch:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, :-1]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits, torch.tensor(ids[1:]), reduction="none"
+        )
+        num = num + (token_loss * torch.tensor(weights[1:], dtype=torch.float64)).sum()
+        den += sum(weights[1:])
+    whole = num / den
+    whole.backward()
+    assert loss.item() == pytest.approx(whole.item(), rel=1e-9)
+    for name, param in model.named_parameters():
+        diff = (split[name] - param.grad).abs().max().item()
+        assert diff <= 1e-9 * param.grad.abs().max().item(), name
+
+
 # -- build -------------------------------------------------------------------------------------
 def test_build_is_a_loadable_hf_dir_with_our_chat_format(tiny_build: Path) -> None:
     assert (tiny_build / "model.safetensors").is_file()
@@ -207,6 +290,8 @@ def test_build_is_a_loadable_hf_dir_with_our_chat_format(tiny_build: Path) -> No
         "sft",
         "verdicts",
         "sft_refresh",
+        "evidence",
+        "sft_refresh_evidence",
     ]
     assert {"torch", "transformers", "trl"} <= set(record["versions"])
 

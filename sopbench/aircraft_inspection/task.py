@@ -175,6 +175,36 @@ def generate_inputs(index: int, rng: random.Random) -> dict[str, Any]:
     }
 
 
+def recombined_inputs(
+    identity: dict[str, Any], electrical: dict[str, Any], log: dict[str, Any], rng: random.Random
+) -> dict[str, Any]:
+    """A new aircraft's recorded data from three recorded ones (a build-time augmentation).
+
+    ``identity`` gives the aircraft, its component and the mechanical evidence (serial plate,
+    weight, condition); ``electrical`` the model with its minimum voltage and the battery,
+    circuit and avionics readings; ``log`` the write-ups and whether the logged serial matches
+    the plate (re-derived against the new plate, as the generator does). Each group keeps its
+    own pairing (a measured weight with its spec, a voltage with its model's minimum), so the
+    verdicts of the result are those of the three sources, in combinations no single recorded
+    case shows: a model that must tell them apart has to read each group's evidence.
+    """
+    plate = identity["serial_plate"]
+    logged = plate
+    if log["logged_serial"] != log["serial_plate"]:
+        registered = identity["registered_serial"]
+        logged = registered if plate != registered else _near_serial(rng, plate)
+    return {
+        **{k: identity[k] for k in ("aircraft_id", "tail_number", "component")},
+        **{k: identity[k] for k in ("registered_serial", "spec_weight_kg", "serial_plate")},
+        **{k: identity[k] for k in ("measured_weight_kg", "condition")},
+        **{k: electrical[k] for k in ("model", "min_battery_voltage_v", "battery_voltage_v")},
+        "continuity": list(electrical["continuity"]),
+        "avionics": electrical["avionics"],
+        "logged_serial": logged,
+        "open_write_ups": log["open_write_ups"],
+    }
+
+
 class AircraftInspectionEnv(FixtureEnvironment):
     """One aircraft on the ramp: read-only instruments replayed from the case's recorded data."""
 
@@ -384,6 +414,14 @@ class AircraftInspection(Task):
             and guess["cross_check_reporting_response"] == "consistent"
         )
         return guess
+
+    def recombined_case(self, cases: list[Case], rng: random.Random, index: int) -> Case:
+        """A case recombined from three of ``cases`` (:func:`recombined_inputs`), with its
+        ground truth from the rules; ``index`` names it (``{task}-mix-{index}``)."""
+        a, b, c = (rng.choice(cases) for _ in range(3))
+        inputs = recombined_inputs(a.inputs, b.inputs, c.inputs, rng)
+        case_id = f"{self.name}-mix-{index}"
+        return Case(self.name, case_id, a.split, inputs, rules.ground_truth(case_id, inputs))
 
     def reference_policy(self, case: Case, noise: Noise) -> Policy:
         """Walk the SOP reading only tool results; with noise, skip checks and misread values."""
