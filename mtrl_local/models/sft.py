@@ -32,6 +32,7 @@ from mtrl_local.models.curriculum import CopyExample
 from mtrl_local.rollout.shared_prefix import common_prefix_len
 from mtrl_local.train.prefix import PrefixKV, run_prefix
 from sopbench import get_task
+from sopbench.aircraft_inspection.rules import OUTPUT_FIELDS as AIRCRAFT_FIELDS
 from sopbench.base import PolicyEpisode
 
 logger = logging.getLogger(__name__)
@@ -474,15 +475,9 @@ def train_verdicts(
     )
 
 
-#: Answer fields whose values the evidence stage weights: each is decided by tool results.
-EVIDENCE_FIELDS = (
-    "mechanical_inspection_result",
-    "electrical_inspection_result",
-    "component_incident_response",
-    "component_mismatch_response",
-    "cross_check_reporting_response",
-    "aircraft_ready",
-)
+#: Answer fields whose values the evidence stage weights: each is decided by tool results (all
+#: aircraft answer fields but the copied tail number).
+EVIDENCE_FIELDS = tuple(f for f in AIRCRAFT_FIELDS if f != "tail_number")
 
 
 def evidence_example(
