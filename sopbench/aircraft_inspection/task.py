@@ -175,6 +175,19 @@ def generate_inputs(index: int, rng: random.Random) -> dict[str, Any]:
     }
 
 
+#: The recorded fields that travel with an aircraft's identity in :func:`recombined_inputs`.
+_IDENTITY_GROUP = (
+    "aircraft_id",
+    "tail_number",
+    "component",
+    "registered_serial",
+    "spec_weight_kg",
+    "serial_plate",
+    "measured_weight_kg",
+    "condition",
+)
+
+
 def recombined_inputs(
     identity: dict[str, Any], electrical: dict[str, Any], log: dict[str, Any], rng: random.Random
 ) -> dict[str, Any]:
@@ -194,9 +207,7 @@ def recombined_inputs(
         registered = identity["registered_serial"]
         logged = registered if plate != registered else _near_serial(rng, plate)
     return {
-        **{k: identity[k] for k in ("aircraft_id", "tail_number", "component")},
-        **{k: identity[k] for k in ("registered_serial", "spec_weight_kg", "serial_plate")},
-        **{k: identity[k] for k in ("measured_weight_kg", "condition")},
+        **{k: identity[k] for k in _IDENTITY_GROUP},
         **{k: electrical[k] for k in ("model", "min_battery_voltage_v", "battery_voltage_v")},
         "continuity": list(electrical["continuity"]),
         "avionics": electrical["avionics"],
