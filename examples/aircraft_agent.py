@@ -2,7 +2,7 @@
 
 It is an ordinary tool-calling agent: its own loop over ``chat.completions.create`` with tools, its
 own tool implementations (the suite's fixture tools, used as a local library through
-``get_task("aircraft_inspection").make_env()``), its own reward (the dense reward of its final
+``load_task("aircraft_inspection").make_env()``), its own reward (the dense reward of its final
 answer against the case's ground truth). What makes it trainable is three lines: the client's
 ``base_url`` and ``api_key`` come from ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` (the openai client
 reads them itself), every request carries the episode id (``X-Episode-Id``), and at the end it
@@ -30,8 +30,8 @@ from typing import Any, cast
 
 from openai import OpenAI
 
+from mtrl_local.plugins import load_task
 from rewards.dense import dense_reward
-from sopbench import get_task
 
 logger = logging.getLogger("aircraft_agent")
 
@@ -53,14 +53,14 @@ def start_episode(client: OpenAI, args: argparse.Namespace) -> dict[str, Any]:
     if os.environ.get("MTRL_EPISODE_ID"):
         body["episode_id"] = os.environ["MTRL_EPISODE_ID"]
     else:
-        task = get_task(args.task)
+        task = load_task(args.task)
         body.update(task=args.task, case_id=args.case_id or task.cases("train")[0].case_id)
     return cast(dict[str, Any], client.post("/episodes", body=body, cast_to=object))
 
 
 def run_episode(client: OpenAI, args: argparse.Namespace, info: dict[str, Any]) -> None:
     episode_id = info["episode_id"]
-    task = get_task(info["task"] or args.task)
+    task = load_task(info["task"] or args.task)
     case = task.case(info["case_id"])
     env = task.make_env()  # the suite's fixture tools, as a local tool library
     messages: list[dict[str, Any]] = list(env.reset(case, info.get("seed") or 0))

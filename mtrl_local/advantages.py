@@ -1,9 +1,10 @@
-"""Advantage estimators (DESIGN.md §5): pure functions of one group's rewards, picked by name.
+"""Advantage estimators: pure functions of one group's rewards, picked by name.
 
-G is the group size (rollouts of one prompt). Every estimator takes the rewards of *one* group and
-returns that group's advantages; :func:`compute_advantages` runs one over all groups of a batch and
-counts the groups that carry no signal (``analysis/zero_adv_groups``). :func:`token_advantages`
-puts a trajectory's advantage onto its sampled tokens.
+Formulas in docs/design.md ("Advantages"). G is the group size (rollouts of one prompt). Every
+estimator takes the rewards of *one* group and returns that group's advantages;
+:func:`compute_advantages` runs one over all groups of a batch and names the groups that carry no
+signal (the one place zero-advantage groups are decided: ``analysis/zero_adv_groups`` counts
+them). :func:`token_advantages` puts a trajectory's advantage onto its sampled tokens.
 
 Choices and departures, on purpose:
 
@@ -32,7 +33,7 @@ from mtrl_local.errors import UserError
 from mtrl_local.trajectory import Trajectory, TurnSpan
 
 EPS = 1e-6
-"""Added to the std before dividing (DESIGN.md §5)."""
+"""Added to the std before dividing."""
 
 Rewards = Tensor | Sequence[float]
 """One group's scalar rewards, shape (G,)."""
@@ -189,12 +190,9 @@ class AdvantageResult:
     advantages: list[Tensor]
     """One per trajectory, in the order of the input rewards: shape () for a scalar advantage,
     (T_i,) for per-turn advantages (``group_based_per_turn`` on a per-turn reward)."""
-    zero_adv_groups: float
-    """Fraction of groups whose advantages are all zero (all rewards equal): no gradient."""
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return {"analysis/zero_adv_groups": self.zero_adv_groups}
+    zero_groups: list[int]
+    """Indices (into ``groups``) of the groups whose advantages are all zero: no gradient. The
+    estimator's own verdict (all rewards equal; for ``grpo_passk``, all succeed or all fail)."""
 
 
 def compute_advantages(
@@ -206,16 +204,16 @@ def compute_advantages(
     """Run the estimator ``method`` over each group (indices into ``rewards``, from
     :func:`group_by`) and put the advantages back in input order.
 
-    ``kwargs`` go to the estimator (``scale_rewards``; ``k`` and ``success_threshold`` for
-    ``grpo_passk``). A per-turn reward given to a scalar estimator counts as its sum (the total
-    return). A scalar reward given to ``group_based_per_turn`` is a reward on the last turn, so its
-    return-to-go is the same at every turn: it gets a scalar advantage (shape ()).
+    ``kwargs`` go to the estimator (:func:`estimator_kwargs` picks them from a config). A
+    per-turn reward given to a scalar estimator counts as its sum (the total return). A scalar
+    reward given to ``group_based_per_turn`` is a reward on the last turn, so its return-to-go is
+    the same at every turn: it gets a scalar advantage (shape ()).
     """
     fn = get_advantage_fn(method)
     per_turn = method in PER_TURN_METHODS
     out: list[Tensor | None] = [None] * len(rewards)
-    zero = 0
-    for group in groups:
+    zero: list[int] = []
+    for g, group in enumerate(groups):
         rs = [rewards[i] for i in group]
         if per_turn:
             lists = [[float(r)] if isinstance(r, (int, float)) else list(r) for r in rs]
@@ -226,15 +224,49 @@ def compute_advantages(
         else:
             totals = [float(r) if isinstance(r, (int, float)) else float(sum(r)) for r in rs]
             advs = list(fn(totals, **kwargs))  # G tensors of shape ()
-        zero += all(bool(torch.all(a == 0)) for a in advs)
+        if all(not bool(torch.any(a != 0)) for a in advs):
+            zero.append(g)
         for i, a in zip(group, advs, strict=True):
             out[i] = a
     if any(a is None for a in out):
         raise ValueError("groups do not cover every trajectory")
-    return AdvantageResult(
-        advantages=[a for a in out if a is not None],
-        zero_adv_groups=zero / len(groups) if groups else 0.0,
-    )
+    return AdvantageResult(advantages=[a for a in out if a is not None], zero_groups=zero)
+
+
+def estimator_kwargs(
+    method: str, *, scale_rewards: str, pass_k: int, success_threshold: float
+) -> dict[str, object]:
+    """The config knobs estimator ``method`` takes (the others ignore them)."""
+    if method in ("group_based", "group_based_per_turn"):
+        return {"scale_rewards": scale_rewards}
+    if method == "grpo_passk":
+        return {"k": pass_k, "success_threshold": success_threshold}
+    return {}
+
+
+@dataclass
+class BatchAdvantages:
+    """A step's advantages, one per trajectory, and the groups that carry no gradient."""
+
+    advantages: list[Tensor]
+    zero_group_ids: set[str]
+
+
+def batch_advantages(
+    trajectories: Sequence[Trajectory], method: str, **kwargs: object
+) -> BatchAdvantages:
+    """Group advantages of a step's trajectories (grouped by ``group_id``).
+
+    A failed environment is not the policy's doing: its trajectory scores 0 here and is left out
+    of training (:func:`mtrl_local.train.batching.build_examples`).
+    """
+    rewards: list[Reward] = [
+        0.0 if t.failed or t.reward is None else t.reward for t in trajectories
+    ]
+    groups = group_by(trajectories)
+    result = compute_advantages(rewards, groups, method, **kwargs)
+    zero = {trajectories[groups[g][0]].group_id for g in result.zero_groups}
+    return BatchAdvantages(result.advantages, zero)
 
 
 def token_advantages(

@@ -5,7 +5,7 @@ One ChatML-style Jinja template serves three consumers that must agree token for
 * the rollout engine, which builds a trajectory purely by appending ids: :func:`encode_prompt`
   once, then for every turn the sampled ids (ending in ``<|im_end|>``) and
   :func:`encode_continuation` of the tool results. Nothing is ever decoded and re-encoded
-  (DESIGN §3).
+  (docs/design.md, "Trajectories").
 * TRL's ``SFTTrainer(assistant_only_loss=True)``, which masks the loss with the template's
   ``{% generation %}`` markers (they wrap each assistant reply *and* its ``<|im_end|>``, so the
   model is trained to stop).
@@ -41,6 +41,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from mtrl_local.env.actions import TAGS, TOOL_CALL_OPEN
+
 Message = dict[str, Any]
 #: OpenAI-style schemas, or typed callables (transformers derives their schema from the docstring).
 ToolSpec = dict[str, Any] | Callable[..., Any]
@@ -48,16 +50,12 @@ ToolSpec = dict[str, Any] | Callable[..., Any]
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|endoftext|>"
-TOOL_CALL_OPEN = "<tool_call>"
-TOOL_CALL_CLOSE = "</tool_call>"
-FINAL_OPEN = "<final_response>"
-FINAL_CLOSE = "</final_response>"
 
 #: Control tokens: never produced by the byte-level merges, stripped by ``skip_special_tokens``.
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
 #: Tags the agent writes: single added tokens, but *not* special, so decoding with
 #: ``skip_special_tokens=True`` (TRL's fallback when parsing fails) keeps them in the text.
-TAG_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, FINAL_OPEN, FINAL_CLOSE)
+TAG_TOKENS = TAGS
 
 #: The text every assistant turn starts with; the prompt ends with it (``add_generation_prompt``).
 ASSISTANT_HEADER = f"{IM_START}assistant\n"
@@ -260,8 +258,6 @@ def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
 __all__ = [
     "ASSISTANT_HEADER",
     "CHAT_TEMPLATE",
-    "FINAL_CLOSE",
-    "FINAL_OPEN",
     "IM_END",
     "IM_START",
     "PAD",
@@ -269,8 +265,6 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TAG_TOKENS",
     "TOOLS_HEADER",
-    "TOOL_CALL_CLOSE",
-    "TOOL_CALL_OPEN",
     "encode_assistant",
     "encode_continuation",
     "encode_prompt",

@@ -1,27 +1,36 @@
-"""The trainer's configuration: one dataclass, recipes in TOML, command-line overrides.
+"""The trainer's configuration: pydantic models, TOML recipes, command-line overrides.
 
-Names follow TRL where TRL has one (``num_generations``, ``per_device_train_batch_size``,
-``loss_type``, ``epsilon``, ``epsilon_high``, ``beta``, ``learning_rate``, ``max_grad_norm``);
-the multi-turn knobs follow DESIGN.md (``advantage_method``, ``max_turns``,
-``sampling_max_tokens``, ``val_sampling_params``, ``async_config.max_steps_off_policy``,
-``lora_rank``, ``lora_alpha``, ``success_threshold``, ``eval_steps``, ``save_steps``).
+:class:`MultiTurnRLConfig` (with :class:`SamplingConfig` and :class:`AsyncConfig` nested in it)
+holds everything one training run needs; names follow TRL where TRL has one, the multi-turn knobs
+are described in docs/design.md, and the docstring under each field is its description
+(``model_fields[name].description``). :func:`load_config` applies defaults < recipe file <
+command-line ``KEY=VALUE`` overrides, merging tables key by key; strings from the command line
+are converted to the field's type. Every mistake is one :class:`UserError` line naming the file
+or the command line and the field.
 
-Precedence: dataclass defaults < recipe file (``recipes/*.toml``) < command-line flags. Every
-mistake (unknown key, wrong type, value outside its choices) is a :class:`UserError` naming the
-file or flag and the field.
+Why pydantic: it is already a dependency through FastAPI, and the same models validate typed TOML
+values and string overrides, with ``Literal`` choices, nested models, unknown keys forbidden and
+attribute docstrings as field descriptions. cattrs would only structure the data, without these
+checks; tyro builds a command line from a dataclass, but our recipes are TOML files plus
+``KEY=VALUE`` overrides.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import sys
-import types
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from mtrl_local.errors import UserError
 
@@ -34,9 +43,47 @@ LossType = Literal["ppo", "cispo", "is"]
 AdvantageMethod = Literal["group_based", "rloo", "grpo_passk", "group_based_per_turn"]
 Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 
+#: Accepted spellings → canonical field (TRL names and the design's names).
+ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batch_size"}
 
-@dataclass
-class SamplingConfig:
+_BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_EXPECTED: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number"}
+
+
+class _Model(BaseModel):
+    """Unknown keys refused, field docstrings as descriptions, raw values converted."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _convert(cls, value: Any, info: ValidationInfo) -> Any:
+        """A TOML or command-line ``value`` in the form pydantic validates for the field."""
+        field = cls.model_fields[str(info.field_name)]
+        kinds = get_args(field.annotation) or (field.annotation,)
+        if type(None) in kinds and isinstance(value, str) and value.lower() in ("none", "null"):
+            return None
+        if isinstance(value, Mapping):
+            # A table updates the field's default (greedy validation sampling stays greedy).
+            default = field.get_default(call_default_factory=True)
+            return {**default.model_dump(), **value} if isinstance(default, BaseModel) else value
+        if get_origin(field.annotation) is list and isinstance(value, str):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        if bool in kinds and value is not None and not isinstance(value, bool):
+            flag = _BOOLS.get(value.strip().lower()) if isinstance(value, str) else None
+            if flag is None:
+                raise ValueError("not true or false")
+            return flag
+        if isinstance(value, bool) and bool not in kinds:
+            raise ValueError("a bool is not accepted here")
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON-ready values, nested configs as dicts."""
+        return self.model_dump()
+
+
+class SamplingConfig(_Model):
     """How a split is sampled (rollouts or evaluation)."""
 
     temperature: float = 1.0
@@ -49,25 +96,26 @@ class SamplingConfig:
     """Samples per case (pass@k is computed for k ∈ {1, n_samples})."""
 
 
-@dataclass
-class AsyncConfig:
-    """Rollouts produced by a background worker while the trainer updates (DESIGN.md §7)."""
+class AsyncConfig(_Model):
+    """Rollouts produced by a background worker while the trainer updates."""
 
     max_steps_off_policy: int = 0
     """A rollout of policy version v is used at step s only if s − v ≤ this; 0 = synchronous."""
 
 
-@dataclass
-class MultiTurnRLConfig:
+class MultiTurnRLConfig(_Model):
     """Everything one training run needs; logged whole with the run."""
 
-    # -- what to train ----------------------------------------------------------------------
-    task: str = "aircraft_inspection"
-    """Task from the suite (``mtrl tasks``)."""
+    # -- what to train: names, resolved by the CLI (mtrl_local.plugins); the trainer is handed
+    # the objects and records these names with the run --------------------------------------
+    task: str | None = None
+    """Task name (``mtrl tasks`` lists them) or ``package.module:Task``; required by ``mtrl
+    train``."""
     model: str = "default"
-    """``default`` (the embedded model, built on first use) or a local HF model directory."""
+    """A registered model name (``default``: the embedded model) or a local HF model
+    directory."""
     reward: str = "rewards.dense:dense_reward"
-    """Training reward as ``module:function`` (audited with ``make audit``)."""
+    """Training reward as ``package.module:function`` (audited with ``make audit``)."""
     output_dir: str = "runs"
     """Where run directories are created."""
     run_name: str | None = None
@@ -79,7 +127,7 @@ class MultiTurnRLConfig:
     num_generations: int = 8
     """Group size G: rollouts per case (TRL name; alias ``group_size``)."""
     per_device_train_batch_size: int = 32
-    """Trajectories per optimizer step (a multiple of ``num_generations``)."""
+    """Trajectories per optimizer step (a multiple of ``num_generations``; alias ``batch_size``)."""
     micro_batch_tokens: int = 16384
     """Token budget of one forward/backward micro-batch (gradient accumulation within a step)."""
     micro_batch_rows: int = 0
@@ -102,16 +150,16 @@ class MultiTurnRLConfig:
     """Rollout sampling temperature."""
     top_p: float = 1.0
     """Rollout nucleus sampling mass."""
-    val_sampling_params: SamplingConfig = field(
+    val_sampling_params: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.0, n_samples=1)
     )
     """Sampling for the periodic validation evaluation."""
-    async_config: AsyncConfig = field(default_factory=AsyncConfig)
+    async_config: AsyncConfig = Field(default_factory=AsyncConfig)
     """Bounded-staleness asynchronous rollouts."""
 
     # -- objective ------------------------------------------------------------------------------
     advantage_method: AdvantageMethod = "group_based"
-    """Advantage estimator (DESIGN.md §5)."""
+    """Advantage estimator (docs/design.md)."""
     scale_rewards: Literal["group", "none"] = "group"
     """``group``: divide by the group std (GRPO); ``none``: do not (Dr. GRPO)."""
     pass_k: int = 4
@@ -119,7 +167,7 @@ class MultiTurnRLConfig:
     success_threshold: float = 1.0
     """A trajectory with reward ≥ this counts as a success (pass@k, grpo_passk)."""
     loss_type: LossType = "ppo"
-    """Policy loss (DESIGN.md §6)."""
+    """Policy loss (docs/design.md)."""
     loss_aggregation: Aggregation = "token_mean"
     """How token losses are averaged."""
     epsilon: float | None = None
@@ -152,7 +200,7 @@ class MultiTurnRLConfig:
     """LoRA rank; 0 = full fine-tuning."""
     lora_alpha: int = 32
     """LoRA alpha (scaling = alpha / rank)."""
-    lora_target_modules: list[str] = field(
+    lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
     """Modules that get adapters."""
@@ -178,17 +226,20 @@ class MultiTurnRLConfig:
     tracking_uri: str | None = None
     """MLflow tracking URI; ``None`` → a local store inside the run directory."""
 
-    def __post_init__(self) -> None:
-        check_config(self)
+    @model_validator(mode="after")
+    def _check(self, info: ValidationInfo) -> MultiTurnRLConfig:
+        if (info.context or {}).get("checks", True):
+            check_config(self)
+        return self
 
     @property
     def epsilon_low(self) -> float:
-        """ε_low actually used: the field, or the loss's recipe default (DESIGN.md §6)."""
+        """ε_low actually used: the field, or the loss's default in :data:`LOSS_EPSILONS`."""
         return LOSS_EPSILONS[self.loss_type][0] if self.epsilon is None else self.epsilon
 
     @property
     def resolved_epsilon_high(self) -> float:
-        """ε_high actually used: the field, or the loss's recipe default (DESIGN.md §6)."""
+        """ε_high actually used: the field, or the loss's default in :data:`LOSS_EPSILONS`."""
         if self.epsilon_high is not None:
             return self.epsilon_high
         return LOSS_EPSILONS[self.loss_type][1]
@@ -197,9 +248,6 @@ class MultiTurnRLConfig:
     def prompts_per_step(self) -> int:
         return self.per_device_train_batch_size // self.num_generations
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 #: Recipe defaults (ε_low, ε_high) per loss: PPO's ratio in 0.8–1.2; CISPO wide and asymmetric.
 LOSS_EPSILONS: dict[str, tuple[float, float]] = {
@@ -207,9 +255,6 @@ LOSS_EPSILONS: dict[str, tuple[float, float]] = {
     "cispo": (1.0, 6.0),
     "is": (0.2, 0.2),
 }
-
-#: Accepted spellings → canonical field (TRL vs DESIGN names).
-ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batch_size"}
 
 
 def check_config(cfg: MultiTurnRLConfig) -> None:
@@ -242,122 +287,6 @@ def check_config(cfg: MultiTurnRLConfig) -> None:
         raise UserError("config: fsdp and load_in_4bit cannot be combined (no sharded 4-bit)")
 
 
-def _type_name(tp: Any) -> str:
-    origin = get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(map(str, get_args(tp)))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
-    if tp is type(None):
-        return "none"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """``value`` converted to type ``tp`` (from TOML or a command-line string), or a UserError."""
-    origin = get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        members = get_args(tp)
-        is_none = value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
-        if is_none and type(None) in members:
-            return None
-        for member in members:
-            if member is type(None):
-                continue
-            try:
-                return _coerce(value, member, where)
-            except UserError:
-                continue
-        raise UserError(f"{where} must be {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise UserError(f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if origin is list:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list):
-            raise UserError(f"{where} must be a list, got {value!r}")
-        (item,) = get_args(tp)
-        return [_coerce(v, item, where) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise UserError(f"{where} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"{where} must be an integer, got {value!r}")
-        try:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} must be an integer, got {value!r}") from None
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"{where} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise UserError(f"{where} must be a number, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{where} must be a string, got {value!r}")
-        return value
-    raise UserError(f"{where}: unsupported type {tp!r}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _apply(target: dict[str, Any], cls: type, values: Mapping[str, Any], source: str) -> None:
-    """Merge ``values`` (possibly nested) into the kwargs dict ``target`` for dataclass ``cls``."""
-    hints = _hints(cls)
-    names = {f.name for f in fields(cls)}
-    for raw_key, value in values.items():
-        key = ALIASES.get(raw_key, raw_key)
-        if key not in names:
-            raise UserError(f"{source}: unknown field '{raw_key}'")
-        tp = hints[key]
-        where = f"{source}: field '{raw_key}'"
-        if _is_dataclass_type(tp):
-            if not isinstance(value, Mapping):
-                raise UserError(f"{where} must be a table of {', '.join(_field_names(tp))}")
-            sub = dict(target.get(key) or {})
-            _apply(sub, tp, value, f"{source}: {key}")
-            target[key] = sub
-        else:
-            target[key] = _coerce(value, tp, where)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_names(cls: Any) -> list[str]:
-    return [f.name for f in fields(cls)]
-
-
-def _build(cls: type, kwargs: Mapping[str, Any]) -> Any:
-    """Instantiate ``cls``; a nested table updates that field's *default*, not a blank instance."""
-    hints = _hints(cls)
-    defaults = {f.name: f for f in fields(cls)}
-    built = {}
-    for key, value in kwargs.items():
-        tp = hints[key]
-        if _is_dataclass_type(tp):
-            f = defaults[key]
-            base = f.default_factory() if f.default_factory is not dataclasses.MISSING else tp()
-            built[key] = dataclasses.replace(base, **value)
-        else:
-            built[key] = value
-    return cls(**built)
-
-
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """``["a=1", "async_config.max_steps_off_policy=1"]`` → a nested dict of strings."""
     out: dict[str, Any] = {}
@@ -377,36 +306,85 @@ def load_config(
     recipe: str | Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> MultiTurnRLConfig:
     """Defaults, then the recipe file, then ``overrides`` (e.g. from the command line)."""
-    kwargs: dict[str, Any] = {}
+    sources: list[tuple[str, Mapping[str, Any]]] = []
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise UserError(f"{recipe}: no such recipe file")
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise UserError(f"{recipe}: not valid TOML ({exc})") from None
-        _apply(kwargs, MultiTurnRLConfig, data, str(recipe))
+        sources.append((str(recipe), _read_recipe(recipe)))
     if overrides:
-        _apply(kwargs, MultiTurnRLConfig, overrides, "command line")
-    return typing.cast(MultiTurnRLConfig, _build(MultiTurnRLConfig, kwargs))
+        sources.append(("command line", overrides))
+    merged: dict[str, Any] = {}
+    for source, values in sources:
+        typed = {ALIASES[key]: key for key in values if key in ALIASES}
+        canonical = {ALIASES.get(key, key): value for key, value in values.items()}
+        _validate(canonical, source, typed, checks=False)  # so that an error names its source
+        merged = _merge(merged, canonical)
+    return _validate(merged, "config", {}, checks=True)
 
 
-def field_docs(cls: type = MultiTurnRLConfig) -> dict[str, str]:
-    """Field → its docstring (the string literal under it), for ``--help`` and the README."""
-    import ast
-    import inspect
+def _read_recipe(recipe: str | Path) -> dict[str, Any]:
+    path = Path(recipe)
+    if not path.is_file():
+        raise UserError(f"{recipe}: no such recipe file")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{recipe}: not valid TOML ({exc})") from None
 
-    tree = ast.parse(inspect.getsource(cls))
-    docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, nxt in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(nxt, ast.Expr)
-            and isinstance(nxt.value, ast.Constant)
-            and isinstance(nxt.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``; tables present in both are merged key by key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            value = _merge(old, value)
+        merged[key] = value
+    return merged
+
+
+def _validate(
+    values: Mapping[str, Any], source: str, typed: Mapping[str, str], *, checks: bool
+) -> MultiTurnRLConfig:
+    """``values`` as a config (cross-field rules only if ``checks``), or a UserError."""
+    try:
+        return MultiTurnRLConfig.model_validate(values, context={"checks": checks})
+    except ValidationError as exc:
+        raise _user_error(exc, source, typed) from None
+
+
+def _user_error(exc: ValidationError, source: str, typed: Mapping[str, str]) -> UserError:
+    """The first error as one line naming ``source`` and the field as ``typed`` (alias or name)."""
+    error = exc.errors()[0]
+    loc = error["loc"]
+    model: type[BaseModel] = MultiTurnRLConfig
+    where = source
+    for depth, part in enumerate(loc):
+        field = model.model_fields.get(str(part))
+        key = typed.get(str(part), str(part))
+        if field is None:
+            return UserError(f"{where}: unknown field '{key}'")
+        nested = _model_class(field.annotation)
+        if nested is None or depth == len(loc) - 1:
+            expected = _expected(field.annotation)
+            return UserError(f"{where}: field '{key}' must be {expected}, got {error['input']!r}")
+        model, where = nested, f"{where}: {key}"
+    return UserError(f"{where}: {error['msg']}")
+
+
+def _model_class(tp: Any) -> type[BaseModel] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _expected(tp: Any) -> str:
+    """What a field of type ``tp`` accepts, in words."""
+    nested = _model_class(tp)
+    if nested is not None:
+        return "a table of " + ", ".join(nested.model_fields)
+    args = get_args(tp)
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if get_origin(tp) is list:
+        return "a list of strings"
+    if type(None) in args:
+        (inner,) = (arg for arg in args if arg is not type(None))
+        return f"{_expected(inner)} or none"
+    return _EXPECTED.get(tp, "a string")

@@ -1,4 +1,6 @@
-"""The toolkit reads its own metrics and says what to change first (DESIGN.md §10).
+"""The toolkit reads its own metrics and says what to change first.
+
+The table of findings is in docs/design.md ("Diagnostics").
 
 Each check is a pure function over the metric history, ``{name: [(step, value), …]}`` (what
 :meth:`mtrl_local.store.RunStore.history` returns), and returns a :class:`Finding` or ``None``.
@@ -27,7 +29,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from mtrl_local import metrics as M
-from mtrl_local.errors import UserError
 
 Series = Sequence[tuple[int, float]]
 #: Rates exactly at a limit (a mean of 0.05s is 0.05000000000000001) do not fire.
@@ -58,7 +59,7 @@ def _clean(series: Series | None) -> list[tuple[int, float]]:
     return sorted((int(s), float(v)) for s, v in series or () if v is not None and math.isfinite(v))
 
 
-def _change(points: Sequence[tuple[int, float]]) -> float:
+def change(points: Sequence[tuple[int, float]]) -> float:
     """Least-squares slope × step span: how much the fitted line rises across ``points``."""
     if len(points) < 2:
         return 0.0
@@ -84,7 +85,7 @@ def _recent(history: History, name: str, recent: int) -> tuple[float, int] | Non
     return _mean(tail), tail[-1][0]
 
 
-# -- the checks of DESIGN.md §10 -------------------------------------------------------------------
+# -- the checks ------------------------------------------------------------------------------------
 def check_reward_flat_from_start(
     history: History, *, min_steps: int = 20, flat_tol: float = 0.02
 ) -> Finding | None:
@@ -125,17 +126,17 @@ def check_all_groups_same(
     reward = _clean(history.get(M.REWARD_MEAN))[-window:]
     if len(zero) < window // 2 or len(reward) < window // 2:
         return None
-    mean, change, last = _mean(zero), _change(zero), zero[-1][1]
-    high_or_rising = mean >= high or (change >= rise_min and last >= rising_from)
-    if not high_or_rising or abs(_change(reward)) > flat_tol:
+    mean, rise, last = _mean(zero), change(zero), zero[-1][1]
+    high_or_rising = mean >= high or (rise >= rise_min and last >= rising_from)
+    if not high_or_rising or abs(change(reward)) > flat_tol:
         return None
     return Finding(
         "all_groups_same",
         "warning",
         zero[-1][0],
-        f"{M.ZERO_ADV_GROUPS} is {last:.0%} (window mean {mean:.0%}, change {change:+.2f}) "
+        f"{M.ZERO_ADV_GROUPS} is {last:.0%} (window mean {mean:.0%}, change {rise:+.2f}) "
         "while the training reward is flat: most groups carry no gradient",
-        {"zero_adv_groups_last": last, "zero_adv_groups_mean": mean, "change": change},
+        {"zero_adv_groups_last": last, "zero_adv_groups_mean": mean, "change": rise},
         "group_size 8 → 4, larger batch (more prompts per step)",
         f"{M.ZERO_ADV_GROUPS} drops",
     )
@@ -161,7 +162,7 @@ def check_reward_hacking(
     val = before + [p for p in val_all if start < p[0] <= end]
     if len(val) < 2:
         return None
-    train_change, val_change = _change(train), _change(val)
+    train_change, val_change = change(train), change(val)
     if train_change < rise_min or val_change > flat_tol:
         return None
     return Finding(
@@ -196,8 +197,7 @@ def check_reward_collapse(
     evidence: dict[str, Any] = {"peak": peak, "peak_step": peak_step, "recent_mean": now}
     first_change = "max_steps_off_policy = 0; CISPO → PPO with ratio clip (0.8, 1.2)"
     # Already on-policy (staleness 0) and no ratio was ever clipped: neither stale data nor a
-    # wide clip moved the policy, the step size did (measured: the default model at lr 5e-4
-    # lost its tool-call format within 3 steps).
+    # wide clip moved the policy, the step size did (docs/results.md has such a run).
     staleness = [v for _, v in _clean(history.get(M.PERF_STALENESS_MEAN))]
     clipped = [v for _, v in _clean(history.get(M.TRAIN_CLIP_FRAC))]
     if staleness and clipped and max(staleness) == 0 and max(clipped) <= _EPS:
@@ -233,7 +233,7 @@ def check_stall(
     if len(points) < window + 1:
         return None
     level = _mean(tail)
-    if level < points[0][1] + progress_min or abs(_change(tail)) > flat_tol:
+    if level < points[0][1] + progress_min or abs(change(tail)) > flat_tol:
         return None
     if level >= ceiling - headroom:
         return None
@@ -250,7 +250,7 @@ def check_stall(
         tail[-1][0],
         f"{M.REWARD_MEAN} has stalled at {level:.3f} for {len(tail)} steps with healthy "
         "truncation, failures and group variance",
-        {"level": level, "change": _change(tail), **knobs},
+        {"level": level, "change": change(tail), **knobs},
         "more capacity: double LoRA (lora_rank/lora_alpha 32/64 → 64/128); with full "
         "fine-tuning (lora_rank 0), a larger model",
         "a higher reward ceiling within 50 steps",
@@ -265,11 +265,9 @@ def check_tool_use_collapse(
     ``start + recent`` points, and at least 1 call per episode at the start).
 
     The policy answers before reading what the procedure needs: a shortcut that pays when an
-    answer can be guessed from how answers are distributed. Measured on aircraft_inspection,
-    where 42 % of test cases are all-pass: with two optimizer steps per batch the default model
-    went from 6.8 to 1.4 tool calls per episode, val TSR rose 0.06 → 0.24 on guessed all-pass
-    answers, then test TSR fell 0.10 → 0.04. The reward-hacking check does not see it while val
-    rewards the same guess."""
+    answer can be guessed from how answers are distributed (on aircraft_inspection 42 % of test
+    cases are all-pass). The reward-hacking check does not see it while val rewards the same
+    guess; docs/results.md has runs where it fired."""
     points = _clean(history.get(M.TOOL_CALLS_MEAN))
     if len(points) < start + recent:
         return None
@@ -338,14 +336,14 @@ def check_valid_mean_low(
     if len(common) < window // 2:
         return None
     gap = sum(valid[s] - v for s, v in common) / len(common)
-    if gap >= -margin or abs(_change(common)) > flat_tol:
+    if gap >= -margin or abs(change(common)) > flat_tol:
         return None
     return Finding(
         "valid_mean_low",
         "warning",
         common[-1][0],
         f"{M.REWARD_VALID_MEAN} is {-gap:.3f} below {M.REWARD_MEAN} and the reward is flat",
-        {"gap": gap, "reward_change": _change(common)},
+        {"gap": gap, "reward_change": change(common)},
         "binary reward collapses group variance: use a denser reward",
         f"{M.ZERO_ADV_GROUPS} drops",
     )
@@ -391,54 +389,3 @@ def diagnose(history: History) -> list[Finding]:
     order = {"error": 0, "warning": 1, "info": 2}
     found = [f for check in CHECKS if (f := check(history)) is not None]
     return sorted(found, key=lambda f: order[f.severity])
-
-
-# -- before training -------------------------------------------------------------------------------
-def check_context_budget(
-    max_turns: int,
-    sampling_max_tokens: int,
-    tool_output_tokens: int,
-    prompt_tokens: int,
-    context_window: int,
-) -> None:
-    """Raise :class:`UserError` unless a full-length episode fits the context window.
-
-    ``tool_output_tokens`` is the most one turn's tool results (plus template glue) add; every
-    turn can call tools, the last one included, so the worst case is
-    ``prompt_tokens + max_turns × (sampling_max_tokens + tool_output_tokens)``. Checked before
-    training: otherwise late turns are silently squeezed (the engine caps a turn's budget by the
-    room left) and look like truncation.
-    """
-    for name, value in (
-        ("max_turns", max_turns),
-        ("sampling_max_tokens", sampling_max_tokens),
-        ("context_window", context_window),
-    ):
-        if value < 1:
-            raise UserError(f"config: {name} must be >= 1, got {value}")
-    if tool_output_tokens < 0 or prompt_tokens < 0:
-        raise UserError("config: tool_output_tokens and prompt_tokens must be >= 0")
-    need = prompt_tokens + max_turns * (sampling_max_tokens + tool_output_tokens)
-    if need <= context_window:
-        return None
-    room = context_window - prompt_tokens
-    if room <= sampling_max_tokens:
-        raise UserError(
-            f"config: the prompt alone ({prompt_tokens} tokens) leaves {max(room, 0)} of the "
-            f"{context_window}-token context window, less than one turn's sampling_max_tokens "
-            f"({sampling_max_tokens}): shorten the system prompt / tool schemas or use a model "
-            "with a longer context window"
-        )
-    fit_turns = room // (sampling_max_tokens + tool_output_tokens)
-    fit_tokens = room // max_turns - tool_output_tokens
-    options = []
-    if fit_turns >= 1:
-        options.append(f"lower max_turns to {fit_turns}")
-    if fit_tokens >= 1:
-        options.append(f"lower sampling_max_tokens to {fit_tokens}")
-    options.append("cap tool output lower")
-    raise UserError(
-        f"config: a full episode needs prompt {prompt_tokens} + max_turns {max_turns} × "
-        f"(sampling_max_tokens {sampling_max_tokens} + tool output {tool_output_tokens}) = "
-        f"{need} tokens > context window {context_window}: " + ", or ".join(options)
-    )

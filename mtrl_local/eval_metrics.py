@@ -2,8 +2,9 @@
 
 Pure functions over :class:`~mtrl_local.trajectory.Trajectory` objects (no model, no I/O), shared
 by the evaluation harness (:mod:`mtrl_local.evaluate`), the trainer's periodic validation and the
-dashboard. Success for pass@k is ``strict ≥ success_threshold`` per sample, the strict score
-recomputed here from the messages; the same estimator on the reward is ``reward_pass_at_k``.
+dashboard. Success for pass@k is ``strict ≥ success_threshold`` per sample, the strict score the
+engine recorded on the trajectory (``None``, an episode that never ran, scores 0); the same
+estimator on the reward is ``reward_pass_at_k``.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import statistics
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from mtrl_local.env.actions import has_final_response, parse_tool_calls
+from mtrl_local import metrics as M
+from mtrl_local.env.actions import has_final_response, parse_answer, parse_tool_calls
+from mtrl_local.scoring import field_matches, normalize, scalar
+from mtrl_local.task import Task
 from mtrl_local.trajectory import Trajectory
-from rewards.parsing import parse_answer
-from rewards.strict import field_matches, normalize, strict_score
-from rewards.types import scalar
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -79,7 +81,7 @@ def _mean(values: Sequence[float]) -> float:
 
 def summarize(
     trajectories: Sequence[Trajectory],
-    task: Any,
+    task: Task,
     success_threshold: float = 1.0,
     n_samples: int = 1,
 ) -> dict[str, Any]:
@@ -106,109 +108,139 @@ def summarize(
     """
     if not trajectories:
         raise ValueError("summarize: no trajectories")
-    tool_names = {t.name for t in task.make_env().tools}
-    fields = list(task.output_fields)
-    strict: list[float] = []
-    rewards: list[float | None] = []
-    completed: list[float] = []
-    sample_field_acc: list[float] = []
-    by_field: dict[str, list[float]] = defaultdict(list)
-    first_ok: list[float] = []
-    cases: dict[str, list[int]] = defaultdict(list)  # case_id -> indices into the lists above
-    for i, traj in enumerate(trajectories):
-        answer = parse_answer(traj.messages)
-        matches = field_matches(answer, traj.ground_truth)
-        strict.append(strict_score(traj.messages, traj.ground_truth))
-        rewards.append(None if traj.reward is None else scalar(traj.reward))
-        completed.append(float(answer is not None))
-        sample_field_acc.append(_mean([float(v) for v in matches.values()]))
-        for key, ok in matches.items():
-            by_field[key].append(float(ok))
-        first_ok.append(float(first_turn_tool_call_ok(traj.messages, tool_names)))
-        cases[traj.case_id or traj.group_id].append(i)
+    samples = _read_samples(trajectories, {t.name for t in task.make_env().tools})
+    summary: dict[str, Any] = {
+        "n_cases": len(samples.cases),
+        "n_samples": n_samples,
+        "n_trajectories": len(trajectories),
+    }
+    summary.update(_scores(samples, success_threshold, n_samples, list(task.output_fields)))
+    summary.update(_behaviour(trajectories))
+    summary["outcome_field"] = task.outcome_field
+    summary["tsr_by_outcome"] = _tsr_by_outcome(trajectories, samples.strict, task)
+    summary["per_case"] = _per_case(samples, success_threshold)
+    return summary
 
-    def case_pass(success: list[bool], k: int) -> float:
+
+@dataclass
+class _Samples:
+    """What the summary reads off each trajectory, in trajectory order."""
+
+    strict: list[float] = field(default_factory=list)
+    rewards: list[float | None] = field(default_factory=list)
+    completed: list[float] = field(default_factory=list)
+    field_acc: list[float] = field(default_factory=list)
+    by_field: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    first_ok: list[float] = field(default_factory=list)
+    #: case_id -> indices into the lists above
+    cases: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
+
+    def case_pass(self, success: list[bool], k: int) -> float:
+        """Mean over cases of the unbiased pass@k (k capped at a case's sample count)."""
         return _mean(
             [
                 pass_at_k(len(ix), sum(success[j] for j in ix), min(k, len(ix)))
-                for ix in cases.values()
+                for ix in self.cases.values()
             ]
         )
 
+
+def _read_samples(trajectories: Sequence[Trajectory], tool_names: set[str]) -> _Samples:
+    out = _Samples()
+    for i, traj in enumerate(trajectories):
+        answer = parse_answer(traj.messages)
+        matches = field_matches(answer, traj.ground_truth)
+        out.strict.append(traj.strict or 0.0)
+        out.rewards.append(None if traj.reward is None else scalar(traj.reward))
+        out.completed.append(float(answer is not None))
+        out.field_acc.append(_mean([float(v) for v in matches.values()]))
+        for key, ok in matches.items():
+            out.by_field[key].append(float(ok))
+        out.first_ok.append(float(first_turn_tool_call_ok(traj.messages, tool_names)))
+        out.cases[traj.case_id or traj.group_id].append(i)
+    return out
+
+
+def _scores(
+    samples: _Samples, success_threshold: float, n_samples: int, fields: list[str]
+) -> dict[str, Any]:
+    """Scores over every trajectory (an environment failure scores 0): TSR, pass@k on the
+    strict score and on the reward, completion, field accuracy, reward/strict agreement."""
     ks = sorted({1, n_samples})
-    ok_strict = [s >= success_threshold for s in strict]
-    scored = [r for r in rewards if r is not None]
-    ok_reward = [r is not None and r >= success_threshold for r in rewards]
-    n = len(trajectories)
-    # Behaviour statistics describe the episodes that ran (as the engine's rollout/* metrics do);
-    # scores above count an environment failure as a failure of the sample.
+    ok_strict = [s >= success_threshold for s in samples.strict]
+    ok_reward = [r is not None and r >= success_threshold for r in samples.rewards]
+    scored = [r for r in samples.rewards if r is not None]
+    scored_ix = [i for i, r in enumerate(samples.rewards) if r is not None]
+
+    def over_scored(pred: Callable[[int], bool]) -> float | None:
+        return _mean([float(pred(i)) for i in scored_ix]) if scored_ix else None
+
+    out: dict[str, Any] = {"tsr": _mean(samples.strict)}
+    for k in ks:
+        out[f"pass_at_{k}"] = samples.case_pass(ok_strict, k)
+    for k in ks:
+        out[f"reward_pass_at_{k}"] = samples.case_pass(ok_reward, k) if scored else None
+    by_field = samples.by_field
+    out |= {
+        "reward_mean": statistics.fmean(scored) if scored else None,
+        "reward_std": statistics.pstdev(scored) if scored else None,
+        "completion_rate": _mean(samples.completed),
+        "field_acc": _mean(samples.field_acc),
+        "field_acc_by_field": {
+            key: _mean(by_field[key]) for key in [*fields, *sorted(set(by_field) - set(fields))]
+        },
+        "first_turn_tool_call_frac": _mean(samples.first_ok),
+        # Over the trajectories that have a reward: does the reward agree with the eval?
+        "reward_strict_disagree_frac": over_scored(lambda i: ok_reward[i] != ok_strict[i]),
+        "reward_over_strict_frac": over_scored(lambda i: ok_reward[i] and samples.strict[i] == 0.0),
+    }
+    return out
+
+
+def _behaviour(trajectories: Sequence[Trajectory]) -> dict[str, Any]:
+    """Behaviour over the episodes that ran (as the training ``rollout/*`` metrics are): turns,
+    tool use, truncation; plus the failure share, the done reasons and the engine's counters."""
     ran = [t for t in trajectories if not t.failed]
     calls = sum(t.tool_calls for t in ran)
     errors = sum(t.tool_errors for t in ran)
     counters: Counter[str] = Counter()
     for t in trajectories:
-        counters.update(getattr(t, "counters", None) or {})
-    summary: dict[str, Any] = {
-        "n_cases": len(cases),
-        "n_samples": n_samples,
-        "n_trajectories": n,
-        "tsr": _mean(strict),
+        counters.update(t.counters or {})
+    return {
+        "turns_mean": _mean([t.n_turns or _assistant_turns(t.messages) for t in ran]),
+        "max_turns_frac": _mean([float(t.done_reason == "max_turns") for t in ran]),
+        "tool_calls_mean": calls / len(ran) if ran else 0.0,
+        "tool_errors_frac": errors / calls if calls else 0.0,
+        "truncated_frac": _mean([float(t.truncated) for t in ran]),
+        "failure_rate": _mean([float(t.failed) for t in trajectories]),
+        "done_reasons": dict(Counter(str(t.done_reason) for t in trajectories).most_common()),
+        "counters": dict(sorted(counters.items())),
     }
-    for k in ks:
-        summary[f"pass_at_{k}"] = case_pass(ok_strict, k)
-    for k in ks:
-        summary[f"reward_pass_at_{k}"] = case_pass(ok_reward, k) if scored else None
-    scored_ix = [i for i, r in enumerate(rewards) if r is not None]
 
-    def over_scored(pred: Callable[[int], bool]) -> float | None:
-        return _mean([float(pred(i)) for i in scored_ix]) if scored_ix else None
 
-    summary.update(
-        {
-            "reward_mean": statistics.fmean(scored) if scored else None,
-            "reward_std": statistics.pstdev(scored) if scored else None,
-            "completion_rate": _mean(completed),
-            "field_acc": _mean(sample_field_acc),
-            "field_acc_by_field": {
-                key: _mean(by_field[key]) for key in [*fields, *sorted(set(by_field) - set(fields))]
-            },
-            "turns_mean": _mean([t.n_turns or _assistant_turns(t.messages) for t in ran]),
-            "max_turns_frac": _mean([float(t.done_reason == "max_turns") for t in ran]),
-            "tool_calls_mean": calls / len(ran) if ran else 0.0,
-            "tool_errors_frac": errors / calls if calls else 0.0,
-            "truncated_frac": _mean([float(t.truncated) for t in ran]),
-            "failure_rate": _mean([float(t.failed) for t in trajectories]),
-            "first_turn_tool_call_frac": _mean(first_ok),
-            # Over the trajectories that have a reward: does the reward agree with the eval?
-            "reward_strict_disagree_frac": over_scored(lambda i: ok_reward[i] != ok_strict[i]),
-            "reward_over_strict_frac": over_scored(lambda i: ok_reward[i] and strict[i] == 0.0),
-            "done_reasons": dict(Counter(str(t.done_reason) for t in trajectories).most_common()),
-            "counters": dict(sorted(counters.items())),
-            "outcome_field": getattr(task, "outcome_field", None),
-            "tsr_by_outcome": _tsr_by_outcome(trajectories, strict, task),
-            "per_case": {
-                cid: {
-                    "samples": len(ix),
-                    "strict_successes": sum(ok_strict[j] for j in ix),
-                    "reward_successes": sum(ok_reward[j] for j in ix),
-                }
-                for cid, ix in cases.items()
-            },
+def _per_case(samples: _Samples, success_threshold: float) -> dict[str, dict[str, int]]:
+    ok_strict = [s >= success_threshold for s in samples.strict]
+    ok_reward = [r is not None and r >= success_threshold for r in samples.rewards]
+    return {
+        cid: {
+            "samples": len(ix),
+            "strict_successes": sum(ok_strict[j] for j in ix),
+            "reward_successes": sum(ok_reward[j] for j in ix),
         }
-    )
-    return summary
+        for cid, ix in samples.cases.items()
+    }
 
 
 def _tsr_by_outcome(
-    trajectories: Sequence[Trajectory], strict: Sequence[float], task: Any
+    trajectories: Sequence[Trajectory], strict: Sequence[float], task: Task
 ) -> dict[str, dict[str, float]]:
     """Strict TSR per ground-truth value of ``task.outcome_field`` (most common value first).
 
     Why: when one outcome is common (42 % of aircraft_inspection's test cases are "ready"), a
-    policy can raise TSR by giving that outcome more often without reading the case. Measured:
-    a ``make train`` run went 0.10 → 0.20 overall while the not-ready cases went 3/58 → 1/58.
+    policy can raise TSR by giving that outcome more often without reading the case; this split
+    shows it.
     """
-    field_name = getattr(task, "outcome_field", None)
+    field_name = task.outcome_field
     if not field_name:
         return {}
     groups: dict[str, list[float]] = defaultdict(list)
@@ -219,24 +251,24 @@ def _tsr_by_outcome(
     return {value: {"trajectories": len(v), "tsr": _mean(v)} for value, v in ordered}
 
 
-def val_metrics(summary: Mapping[str, Any], prefix: str = "val") -> dict[str, float]:
-    """A summary under the DESIGN.md §9 names (``val/tsr``, ``val/reward/pass_k_1``, …).
+def val_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """A summary under the held-out metric names (``val/tsr``, ``val/reward/pass_k_1``, …).
 
     ``val/reward/pass_k_<k>`` is the reward-based pass@k (the name says reward); the strict one is
-    added as ``val/strict/pass_k_<k>``.
+    ``val/strict/pass_k_<k>``.
     """
     out = {
-        f"{prefix}/tsr": summary["tsr"],
-        f"{prefix}/completion_rate": summary["completion_rate"],
-        f"{prefix}/field_acc": summary["field_acc"],
+        M.VAL_TSR: summary["tsr"],
+        M.VAL_COMPLETION_RATE: summary["completion_rate"],
+        M.VAL_FIELD_ACC: summary["field_acc"],
     }
     if summary.get("reward_mean") is not None:
-        out[f"{prefix}/reward/mean"] = summary["reward_mean"]
+        out[M.VAL_REWARD_MEAN] = summary["reward_mean"]
     for key, value in summary.items():
         if value is None:
             continue
         if key.startswith("reward_pass_at_"):
-            out[f"{prefix}/reward/pass_k_{key.rsplit('_', 1)[1]}"] = value
+            out[M.val_reward_pass_k(int(key.rsplit("_", 1)[1]))] = value
         elif key.startswith("pass_at_"):
-            out[f"{prefix}/strict/pass_k_{key.rsplit('_', 1)[1]}"] = value
+            out[M.val_strict_pass_k(int(key.rsplit("_", 1)[1]))] = value
     return {k: float(v) for k, v in out.items()}

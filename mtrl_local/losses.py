@@ -1,66 +1,140 @@
-"""Policy losses (DESIGN.md §6): pure functions on padded (B, T) tensors, picked by name.
+"""Policy losses: a per-token term per loss, picked by name, and the steps every loss shares.
 
-Notation, per token: ``logπθ`` = ``logprobs`` (the trainer's, with grad), ``logπ_old`` =
-``old_logprobs`` (the trainer's logprobs before this update, detached; on-policy they equal
-``logprobs.detach()``), ``logμ`` = ``behaviour_logprobs`` (what the sampler reported),
-``r = exp(logπθ − logπ_old)``, ``A`` = advantages, ``sg`` = stop-gradient. Every tensor is
-(B, T), aligned so that position t holds the logprob of token t (the caller shifts the logits),
+Notation, per token (docs/design.md, "Losses"): ``logπθ`` = ``logprobs`` (the trainer's, with
+grad), ``logπ_old`` = ``old_logprobs`` (the trainer's logprobs before this update, detached;
+on-policy they equal ``logprobs.detach()``), ``logμ`` = ``behaviour_logprobs`` (what the sampler
+reported), ``r = exp(logπθ − logπ_old)``, ``A`` = advantages, ``sg`` = stop-gradient. Every tensor
+is (B, T), aligned so that position t holds the logprob of token t (the caller shifts the logits),
 and ``mask`` is 1 on sampled assistant tokens only: the prompt, tool results and template glue
 are context the policy did not choose, so they get no loss.
 
-Every loss in :data:`LOSSES` has the same keyword signature (:class:`LossFn`) so the trainer can
-pass one config to any of them; a parameter a loss does not use is ignored (``is_cap`` outside
-``is``, the ε's in ``is``). Each returns ``(loss, metrics)``: a scalar with grad, and detached
-0-d tensors (no device sync here; the trainer calls ``.item()`` when it logs).
+A loss in :data:`LOSSES` computes only its per-token term (:class:`LossTerm`). Everything else
+happens once, in :func:`policy_loss`, whatever the loss:
 
-**Sampler/trainer mismatch.** μ differs from π_old even on-policy (vLLM kernels, bf16, a stale
-policy version under async rollouts). Each token's loss is multiplied by the truncated importance
-weight ``w = sg(min(π_old/μ, C))`` (TIS: Yao et al. 2025, "Your efficient RL framework secretly
-brings you off-policy RL training"); C = ``tis_cap``, default 2.0, ``None`` disables it, and no
-``behaviour_logprobs`` means w = 1. Truncation bounds the variance a rare token that the sampler
-under-rated would otherwise bring.
-
-**Aggregation.** ``token_mean``: Σ over every masked token of the global batch / their number.
-``seq_mean_token_mean``: the mean over each sequence's masked tokens, then the mean over the
-sequences. Under gradient accumulation pass the *global* ``num_tokens`` (or ``num_sequences``):
-then the losses of the micro-batches sum to the full-batch loss, and so do their gradients.
+1. ``r`` from the two logprobs;
+2. the loss's per-token term and which tokens its clip or cap acted on;
+3. the **sampler/trainer correction**: μ differs from π_old even on-policy (vLLM kernels, bf16,
+   a stale policy version under async rollouts), so each token's term is multiplied by the
+   truncated importance weight ``w = sg(min(π_old/μ, C))`` (TIS: Yao et al. 2025, "Your
+   efficient RL framework secretly brings you off-policy RL training"); C = ``tis_cap``,
+   ``None`` disables it, and no ``behaviour_logprobs`` means w = 1;
+4. **aggregation**: ``token_mean`` is Σ over every masked token of the global batch / their
+   number; ``seq_mean_token_mean`` the mean over each sequence's masked tokens, then the mean
+   over the sequences. Under gradient accumulation pass the *global* ``num_tokens`` (or
+   ``num_sequences``): the micro-batches' losses then sum to the full-batch loss, and so do
+   their gradients;
+5. the KL term ``β·aggregate(k3)`` to the reference, same aggregation and normaliser;
+6. the metrics, detached 0-d tensors (no device sync here; the trainer calls ``.item()``).
 """
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from mtrl_local.config import LOSS_EPSILONS, Aggregation
 from mtrl_local.errors import UserError
 
-Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 Metrics = dict[str, Tensor]
 
 
-class LossFn(Protocol):
-    """The signature every registered loss shares."""
+class LossTerm(Protocol):
+    """A loss's per-token term: ``(term (B, T), clipped (B, T) bool)``.
+
+    ``clipped`` marks the tokens whose clip or cap acted (``clip_frac``). A term ignores the
+    parameters it does not use (``is_cap`` outside ``is``, the ε's in ``is``).
+    """
 
     def __call__(
         self,
         logprobs: Tensor,
-        old_logprobs: Tensor,
+        ratio: Tensor,
         advantages: Tensor,
-        mask: Tensor,
         *,
-        behaviour_logprobs: Tensor | None = ...,
-        epsilon_low: float = ...,
-        epsilon_high: float = ...,
-        is_cap: float = ...,
-        tis_cap: float | None = ...,
-        aggregation: Aggregation = ...,
-        num_tokens: float | Tensor | None = ...,
-        num_sequences: float | Tensor | None = ...,
-    ) -> tuple[Tensor, Metrics]: ...
+        epsilon_low: float,
+        epsilon_high: float,
+        is_cap: float,
+    ) -> tuple[Tensor, Tensor]: ...
 
 
-# -- shared pieces -------------------------------------------------------------------------------
+# -- the per-token terms -------------------------------------------------------------------------
+
+
+def ppo_term(
+    logprobs: Tensor,
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    is_cap: float,
+) -> tuple[Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017): ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)``.
+
+    Where the clipped term binds (A > 0 and r > 1+ε_high, or A < 0 and r < 1−ε_low) the token has
+    zero gradient; those tokens are ``clipped``. No dual clip (TRL has none either).
+    """
+    unclipped = ratio * advantages  # (B, T)
+    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages  # (B, T)
+    binds = ((advantages > 0) & (ratio > 1 + epsilon_high)) | (
+        (advantages < 0) & (ratio < 1 - epsilon_low)
+    )
+    return -torch.min(unclipped, clipped), binds
+
+
+def cispo_term(
+    logprobs: Tensor,
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    is_cap: float,
+) -> tuple[Tensor, Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): ``−sg(clip(r, 1−ε_low, 1+ε_high))·A·logπθ``.
+
+    The clip acts on the (detached) IS weight, not on the objective, so a clipped token still gets
+    the gradient ``−clip(r)·A·∇logπθ``. Recipe defaults ε_low = 1.0 (no lower bound), ε_high =
+    6.0. Here ε_high is a distance from 1 (the weight is capped at 1 + ε_high), as in PPO.
+    """
+    weight = ratio.detach().clamp(1 - epsilon_low, 1 + epsilon_high)  # (B, T)
+    clipped = (ratio > 1 + epsilon_high) | (ratio < 1 - epsilon_low)
+    return -weight * advantages * logprobs, clipped
+
+
+def is_term(
+    logprobs: Tensor,
+    ratio: Tensor,
+    advantages: Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    is_cap: float,
+) -> tuple[Tensor, Tensor]:
+    """Truncated importance-sampling policy gradient: ``−sg(min(r, is_cap))·A·logπθ``.
+
+    On-policy (r = 1) this is REINFORCE with advantages. Tokens with r > ``is_cap`` are clipped.
+    """
+    weight = ratio.detach().clamp(max=is_cap)  # (B, T)
+    return -weight * advantages * logprobs, ratio > is_cap
+
+
+LOSSES: dict[str, LossTerm] = {"ppo": ppo_term, "cispo": cispo_term, "is": is_term}
+"""Per-token loss terms by ``loss_type`` name."""
+
+
+def get_loss_fn(name: str) -> LossTerm:
+    """The term registered as ``name``; a :class:`UserError` listing the known ones."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        known = ", ".join(sorted(LOSSES))
+        raise UserError(f"unknown loss_type {name!r}; known: {known}") from None
+
+
+# -- the shared steps ----------------------------------------------------------------------------
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:  # ()
@@ -96,6 +170,13 @@ def aggregate(
     raise ValueError(f"aggregation must be token_mean or seq_mean_token_mean, got {aggregation!r}")
 
 
+def sampler_ratio(old_logprobs: Tensor, behaviour_logprobs: Tensor | None) -> Tensor:  # (B, T)
+    """``π_old/μ`` per token, detached; ones when there is no μ."""
+    if behaviour_logprobs is None:
+        return torch.ones_like(old_logprobs)
+    return torch.exp(old_logprobs - behaviour_logprobs).detach()
+
+
 def truncated_is_weight(
     old_logprobs: Tensor, behaviour_logprobs: Tensor | None, tis_cap: float | None
 ) -> Tensor:  # (B, T)
@@ -105,20 +186,22 @@ def truncated_is_weight(
     return torch.exp(old_logprobs - behaviour_logprobs).detach().clamp(max=tis_cap)
 
 
+def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:  # (B, T)
+    """Schulman's k3 estimator of KL(πθ ‖ π_ref) per token, ≥ 0 and unbiased under πθ samples:
+    ``exp(δ) − 1 − δ`` with ``δ = ref − logp``. Gradient flows through ``logprobs``.
+
+    Computed as ``expm1(δ) − δ``: in float32 ``exp(δ) − δ − 1`` rounds to a small negative
+    number for |δ| ~ 1e-6 (−6e-8 at δ = 1e-6); the clamp keeps the last ulp of rounding from
+    making it negative."""
+    delta = ref_logprobs - logprobs  # (B, T)
+    return (torch.expm1(delta) - delta).clamp_min(0.0)
+
+
 def _metrics(
-    ratio: Tensor,  # (B, T) πθ/π_old
-    clipped: Tensor,  # (B, T) bool: the clip or cap acted on this token
-    old_logprobs: Tensor,
-    behaviour_logprobs: Tensor | None,
-    tis_cap: float | None,
-    mask: Tensor,
+    ratio: Tensor, clipped: Tensor, is_ratio: Tensor, tis_cap: float | None, mask: Tensor
 ) -> Metrics:
     """What every loss reports, as masked means over this batch (detached)."""
     with torch.no_grad():
-        if behaviour_logprobs is None:
-            is_ratio = torch.ones_like(old_logprobs)
-        else:
-            is_ratio = torch.exp(old_logprobs - behaviour_logprobs)  # (B, T) π_old/μ
         truncated = is_ratio > tis_cap if tis_cap is not None else torch.zeros_like(clipped)
         return {
             "clip_frac": masked_mean(clipped.float(), mask),
@@ -128,127 +211,6 @@ def _metrics(
         }
 
 
-# -- the losses ----------------------------------------------------------------------------------
-
-
-def ppo_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    behaviour_logprobs: Tensor | None = None,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    is_cap: float = 2.0,
-    tis_cap: float | None = 2.0,
-    aggregation: Aggregation = "token_mean",
-    num_tokens: float | Tensor | None = None,
-    num_sequences: float | Tensor | None = None,
-) -> tuple[Tensor, Metrics]:
-    """PPO clipped surrogate (Schulman et al. 2017), per token:
-    ``−min(r·A, clip(r, 1−ε_low, 1+ε_high)·A)``; defaults ε_low = ε_high = 0.2.
-
-    Where the clipped term binds (A > 0 and r > 1+ε_high, or A < 0 and r < 1−ε_low) the token has
-    zero gradient; ``clip_frac`` is the share of such tokens. ``is_cap`` is unused.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    unclipped = ratio * advantages  # (B, T)
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high) * advantages  # (B, T)
-    per_token = -torch.min(unclipped, clipped)  # (B, T)
-    binds = ((advantages > 0) & (ratio > 1 + epsilon_high)) | (
-        (advantages < 0) & (ratio < 1 - epsilon_low)
-    )
-    tis = truncated_is_weight(old_logprobs, behaviour_logprobs, tis_cap)  # (B, T) sampler→trainer
-    loss = aggregate(per_token * tis, mask, aggregation, num_tokens, num_sequences)
-    return loss, _metrics(ratio, binds, old_logprobs, behaviour_logprobs, tis_cap, mask)
-
-
-def cispo_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    behaviour_logprobs: Tensor | None = None,
-    epsilon_low: float = 1.0,
-    epsilon_high: float = 6.0,
-    is_cap: float = 2.0,
-    tis_cap: float | None = 2.0,
-    aggregation: Aggregation = "token_mean",
-    num_tokens: float | Tensor | None = None,
-    num_sequences: float | Tensor | None = None,
-) -> tuple[Tensor, Metrics]:
-    """CISPO (MiniMax-M1, arXiv 2506.13585), per token:
-    ``−sg(clip(r, 1−ε_low, 1+ε_high))·A·logπθ``.
-
-    The clip acts on the (detached) IS weight, not on the objective, so a clipped token still gets
-    the gradient ``−clip(r)·A·∇logπθ``. Recipe defaults ε_low = 1.0 (no lower bound) and
-    ε_high = 6.0. ``clip_frac``: share of tokens whose weight was clipped. ``is_cap`` is unused.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    weight = ratio.detach().clamp(1 - epsilon_low, 1 + epsilon_high)  # (B, T)
-    per_token = -weight * advantages * logprobs  # (B, T)
-    clipped = (ratio > 1 + epsilon_high) | (ratio < 1 - epsilon_low)
-    tis = truncated_is_weight(old_logprobs, behaviour_logprobs, tis_cap)  # (B, T) sampler→trainer
-    loss = aggregate(per_token * tis, mask, aggregation, num_tokens, num_sequences)
-    return loss, _metrics(ratio, clipped, old_logprobs, behaviour_logprobs, tis_cap, mask)
-
-
-def is_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    *,
-    behaviour_logprobs: Tensor | None = None,
-    epsilon_low: float = 0.2,
-    epsilon_high: float = 0.2,
-    is_cap: float = 2.0,
-    tis_cap: float | None = 2.0,
-    aggregation: Aggregation = "token_mean",
-    num_tokens: float | Tensor | None = None,
-    num_sequences: float | Tensor | None = None,
-) -> tuple[Tensor, Metrics]:
-    """Truncated importance-sampling policy gradient, per token:
-    ``−sg(min(r, is_cap))·A·logπθ`` (default cap 2.0). On-policy (r = 1) this is REINFORCE with
-    advantages. ``clip_frac``: share of tokens with r > is_cap. The ε's are unused.
-    """
-    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
-    weight = ratio.detach().clamp(max=is_cap)  # (B, T)
-    per_token = -weight * advantages * logprobs  # (B, T)
-    tis = truncated_is_weight(old_logprobs, behaviour_logprobs, tis_cap)  # (B, T) sampler→trainer
-    loss = aggregate(per_token * tis, mask, aggregation, num_tokens, num_sequences)
-    return loss, _metrics(ratio, ratio > is_cap, old_logprobs, behaviour_logprobs, tis_cap, mask)
-
-
-LOSSES: dict[str, LossFn] = {"ppo": ppo_loss, "cispo": cispo_loss, "is": is_loss}
-"""Policy losses by ``loss_type`` name."""
-
-
-def get_loss_fn(name: str) -> LossFn:
-    """The loss registered as ``name``; a :class:`UserError` listing the known ones."""
-    try:
-        return LOSSES[name]
-    except KeyError:
-        known = ", ".join(sorted(LOSSES))
-        raise UserError(f"unknown loss_type {name!r}; known: {known}") from None
-
-
-# -- KL to the reference, and the wrapper the trainer calls ---------------------------------------
-
-
-def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:  # (B, T)
-    """Schulman's k3 estimator of KL(πθ ‖ π_ref) per token, ≥ 0 and unbiased under πθ samples:
-    ``exp(ref − logp) − (ref − logp) − 1``. Gradient flows through ``logprobs``.
-
-    Computed as ``expm1(δ) − δ``: in float32 ``exp(δ) − δ − 1`` rounds to a small negative
-    number for |δ| ~ 1e-6 (found by the property test: −6e-8 at δ = 1e-6); the clamp keeps the
-    last ulp of rounding from making it negative."""
-    delta = ref_logprobs - logprobs  # (B, T)
-    return (torch.expm1(delta) - delta).clamp_min(0.0)
-
-
 def policy_loss(
     name: str,
     logprobs: Tensor,
@@ -256,27 +218,38 @@ def policy_loss(
     advantages: Tensor,
     mask: Tensor,
     *,
+    behaviour_logprobs: Tensor | None = None,
     ref_logprobs: Tensor | None = None,
     beta: float = 0.0,
+    epsilon_low: float | None = None,
+    epsilon_high: float | None = None,
+    is_cap: float = 2.0,
+    tis_cap: float | None = 2.0,
     aggregation: Aggregation = "token_mean",
     num_tokens: float | Tensor | None = None,
     num_sequences: float | Tensor | None = None,
-    **loss_kwargs: object,
 ) -> tuple[Tensor, Metrics]:
-    """``LOSSES[name](…) + β·aggregate(kl_k3(logprobs, ref_logprobs))``, same aggregation and
-    normaliser for both terms. ``loss_kwargs`` (behaviour_logprobs, ε's, caps) go to the loss.
-    ``metrics["kl"]`` is the masked mean k3 when ``ref_logprobs`` is given; β > 0 requires it."""
-    fn = get_loss_fn(name)
-    loss, metrics = fn(
+    """The loss ``name`` on one (micro-)batch: ``(scalar with grad, metrics)``.
+
+    ``aggregate(term · w) + β·aggregate(k3)`` (module docstring, steps 1–6). ``epsilon_low`` /
+    ``epsilon_high`` default to the loss's recipe values (:data:`mtrl_local.config.LOSS_EPSILONS`).
+    ``metrics["kl"]`` is the masked mean k3 when ``ref_logprobs`` is given; β > 0 requires it.
+    """
+    term = get_loss_fn(name)
+    default_low, default_high = LOSS_EPSILONS[name]
+    ratio = torch.exp(logprobs - old_logprobs)  # (B, T)
+    per_token, clipped = term(
         logprobs,
-        old_logprobs,
+        ratio,
         advantages,
-        mask,
-        aggregation=aggregation,
-        num_tokens=num_tokens,
-        num_sequences=num_sequences,
-        **loss_kwargs,  # type: ignore[arg-type]
+        epsilon_low=default_low if epsilon_low is None else epsilon_low,
+        epsilon_high=default_high if epsilon_high is None else epsilon_high,
+        is_cap=is_cap,
     )
+    tis = truncated_is_weight(old_logprobs, behaviour_logprobs, tis_cap)  # (B, T) sampler→trainer
+    loss = aggregate(per_token * tis, mask, aggregation, num_tokens, num_sequences)
+    is_ratio = sampler_ratio(old_logprobs, behaviour_logprobs)
+    metrics = _metrics(ratio, clipped, is_ratio, tis_cap, mask)
     if ref_logprobs is not None:
         kl = kl_k3(logprobs, ref_logprobs)  # (B, T)
         metrics["kl"] = masked_mean(kl.detach(), mask)
@@ -286,42 +259,3 @@ def policy_loss(
         raise ValueError("beta > 0 needs ref_logprobs")
     metrics["loss"] = loss.detach()
     return loss, metrics
-
-
-# -- logits → logprobs / entropy, a chunk of rows at a time --------------------------------------
-
-
-def selective_log_softmax(logits: Tensor, ids: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """``log_softmax(logits)[..., ids]``: (B, T, V), (B, T) → (B, T) float32.
-
-    ``logit[id] − logsumexp(logits)`` over ``chunk_rows`` positions at a time, upcast to float32
-    chunk by chunk: the full (B, T, V) log-softmax (or a float32 copy of bf16 logits) is never
-    materialised. The caller aligns logits and ids (logits of position t−1 predict id t).
-    """
-    flat = logits.reshape(-1, logits.shape[-1])  # (B·T, V)
-    flat_ids = ids.reshape(-1)  # (B·T,)
-    out = []
-    for start in range(0, flat.shape[0], chunk_rows):
-        chunk = flat[start : start + chunk_rows].float()  # (n, V)
-        picked = chunk.gather(-1, flat_ids[start : start + chunk_rows, None]).squeeze(-1)  # (n,)
-        out.append(picked - torch.logsumexp(chunk, dim=-1))
-    if not out:
-        return torch.zeros(ids.shape, dtype=torch.float32, device=logits.device)
-    return torch.cat(out).reshape(ids.shape)
-
-
-def entropy_from_logits(logits: Tensor, chunk_rows: int = 1024) -> Tensor:
-    """Entropy of the softmax at each position: (B, T, V) → (B, T) float32,
-    ``H = logsumexp(z) − Σ softmax(z)·z``, ``chunk_rows`` positions at a time (float32 per chunk).
-
-    Memory-light under ``torch.no_grad()`` (the usual case: entropy is a metric); with grad,
-    autograd keeps each chunk's intermediates anyway.
-    """
-    flat = logits.reshape(-1, logits.shape[-1])  # (B·T, V)
-    out = []
-    for start in range(0, flat.shape[0], chunk_rows):
-        z = flat[start : start + chunk_rows].float()  # (n, V)
-        out.append(torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1))  # (n,)
-    if not out:
-        return torch.zeros(logits.shape[:-1], dtype=torch.float32, device=logits.device)
-    return torch.cat(out).reshape(logits.shape[:-1])

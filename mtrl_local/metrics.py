@@ -1,14 +1,16 @@
-"""Metric names (DESIGN.md §9) and the rollout-side metrics computed from trajectories.
+"""Metric names and the rollout-side metrics computed from trajectories.
 
-Every name the trainer logs is a constant here, so the trainer, the run store, MLflow, the
-diagnostics and the dashboard agree on one spelling. :func:`rollout_metrics` turns one step's
-trajectories into the ``rollout/*`` and ``analysis/*`` values; it is pure (no I/O, no torch).
+Every name the toolkit logs is written once, here (docs/design.md, "Metrics", has the table), so
+the trainer, the run store, MLflow, the diagnostics and the dashboard agree on one spelling.
+:func:`rollout_metrics` turns one step's trajectories into the ``rollout/*`` and ``analysis/*``
+values; it is pure (no I/O, no torch).
 
 Conventions, chosen so a step's numbers mean the same thing whatever happened in it:
 
 * Trajectories whose environment failed (``failed``) are excluded from training, so every metric
   except ``rollout/failure_rate`` is computed over the others.
-* A per-turn reward list counts as its sum (the trajectory's return, as in ``rewards.types``).
+* A per-turn reward list counts as its sum (the trajectory's return,
+  :func:`mtrl_local.scoring.scalar`).
 * A metric with no population (no scored trajectory, no model turn, every group with zero
   advantage) is *absent* from the returned dict rather than 0 or NaN: a 0 would read as a real
   value on a chart and trip the diagnostics.
@@ -17,10 +19,10 @@ Conventions, chosen so a step's numbers mean the same thing whatever happened in
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 
+from mtrl_local.scoring import scalar
 from mtrl_local.trajectory import Trajectory
-from rewards.types import scalar
 
 # -- rollout (training side) -----------------------------------------------------------------------
 REWARD_MEAN = "rollout/reward/mean"
@@ -33,7 +35,7 @@ TOKENS_RESPONSE_MEAN = "rollout/tokens/response_mean"
 TOKENS_RESPONSE_MAX = "rollout/tokens/response_max"
 TRUNCATED_FRAC = "rollout/truncated_frac"
 #: Share of rollouts the reward calls a success (≥ success_threshold) while strict scores 0: the
-#: reward audit, run live on every step's rollouts (not one of DESIGN.md §9's names; an addition).
+#: reward audit, run live on every step's rollouts.
 REWARD_OVER_STRICT_FRAC = "rollout/reward/over_strict_frac"
 COMPLETION_RATE = "rollout/completion_rate"
 FAILURE_RATE = "rollout/failure_rate"
@@ -49,11 +51,25 @@ TRAIN_KL = "train/kl"
 TRAIN_ENTROPY = "train/entropy"
 TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_LR = "train/lr"
+#: Tokens the update ran through the model (each shared prompt once) and sequences trained on.
+TRAIN_TOKENS = "train/tokens"
+TRAIN_SEQUENCES = "train/sequences"
+#: Means of the ratio πθ/π_old and of the share of tokens whose sampler weight was truncated.
+TRAIN_RATIO_MEAN = "train/ratio_mean"
+TRAIN_IS_TRUNC_FRAC = "train/is_trunc_frac"
 # -- speed -----------------------------------------------------------------------------------------
 PERF_STEP_S = "perf/step_s"
 PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"
 PERF_TRAIN_TOKENS_PER_S = "perf/train_tokens_per_s"
 PERF_STALENESS_MEAN = "perf/staleness_mean"
+#: Batches the async worker made that were too stale to use (cumulative) and the weights version.
+PERF_DROPPED_STALE = "perf/dropped_stale"
+PERF_POLICY_VERSION = "perf/policy_version"
+# -- bring-your-own agent (the rollout server's batch source) --------------------------------------
+AGENT_FAILED_FRAC = "agent/failed_frac"
+AGENT_HISTORY_MISMATCH = "agent/history_mismatch"
+AGENT_TIMEOUTS = "agent/timeouts"
+AGENT_CRASHES = "agent/crashes"
 # -- held-out evaluation ---------------------------------------------------------------------------
 VAL_REWARD_MEAN = "val/reward/mean"
 VAL_REWARD_PASS_K_1 = "val/reward/pass_k_1"
@@ -101,9 +117,24 @@ VAL_METRICS: tuple[str, ...] = (
     VAL_FIELD_ACC,
     VAL_TSR,
 )
-#: Every DESIGN.md §9 name, in the table's order. ``evaluate.val_metrics`` may add more ``val/*``
-#: names (``val/strict/pass_k_<k>``, other k); the store and MLflow accept any name.
+#: The core names, in the design table's order. :func:`val_reward_pass_k` and
+#: :func:`val_strict_pass_k` name pass@k for other k; the store and MLflow accept any name.
 ALL_METRICS: tuple[str, ...] = ROLLOUT_METRICS + TRAIN_METRICS + PERF_METRICS + VAL_METRICS
+
+
+def train_metric(loss_metric: str) -> str:
+    """The logged name of a metric a loss reports (``clip_frac`` → ``train/clip_frac``)."""
+    return f"train/{loss_metric}"
+
+
+def val_reward_pass_k(k: int) -> str:
+    """Held-out pass@k with success = reward ≥ the threshold (``val/reward/pass_k_<k>``)."""
+    return f"val/reward/pass_k_{k}"
+
+
+def val_strict_pass_k(k: int) -> str:
+    """Held-out pass@k with success = strict score ≥ the threshold (``val/strict/pass_k_<k>``)."""
+    return f"val/strict/pass_k_{k}"
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -115,34 +146,18 @@ def trajectory_reward(traj: Trajectory) -> float | None:
     return None if traj.reward is None else scalar(traj.reward)
 
 
-def zero_advantage_groups(trajectories: Iterable[Trajectory], tol: float = 1e-9) -> set[str]:
-    """Groups whose scored, non-failed rollouts all have the same reward (within ``tol``).
-
-    This is the zero-advantage condition of ``group_based``, ``rloo`` and
-    ``group_based_per_turn`` (its baseline is the group's return at turn 0). ``grpo_passk`` zeroes
-    a group on a different condition (all succeed or all fail at ``success_threshold``): the
-    trainer should pass the estimator's own set to :func:`rollout_metrics` instead.
-    """
-    by_group: dict[str, list[float]] = {}
-    for t in trajectories:
-        r = trajectory_reward(t)
-        if not t.failed and r is not None:
-            by_group.setdefault(t.group_id, []).append(r)
-    return {g for g, rs in by_group.items() if max(rs) - min(rs) <= tol}
-
-
 def rollout_metrics(
     trajectories: Sequence[Trajectory],
-    zero_adv_groups: Collection[str] | None = None,
+    zero_adv_groups: Collection[str],
     group_ids: Collection[str] | None = None,
 ) -> dict[str, float]:
-    """One step's ``rollout/*`` metrics and ``analysis/zero_adv_groups`` (DESIGN.md §9).
+    """One step's ``rollout/*`` metrics and ``analysis/zero_adv_groups``.
 
     Args:
         trajectories: every rollout the step produced, failed ones included (they are what
             ``rollout/failure_rate`` counts).
         zero_adv_groups: ids of the groups whose advantages are all zero, as the advantage
-            estimator decided; ``None`` computes them with :func:`zero_advantage_groups`.
+            estimator decided (:func:`mtrl_local.advantages.batch_advantages`).
         group_ids: the groups of the batch (the denominator of ``analysis/zero_adv_groups``);
             ``None`` takes the ``group_id`` of the non-failed trajectories.
 
@@ -167,7 +182,7 @@ def rollout_metrics(
         out[REWARD_STD] = math.sqrt(_mean([(r - mean) ** 2 for r in rewards]))
         out[REWARD_ZERO_FRAC] = _mean([float(r == 0.0) for r in rewards])
 
-    zero = set(zero_advantage_groups(ok) if zero_adv_groups is None else zero_adv_groups)
+    zero = set(zero_adv_groups)
     groups = set(group_ids) if group_ids is not None else {t.group_id for t in ok}
     if groups:
         out[ZERO_ADV_GROUPS] = len(groups & zero) / len(groups)
@@ -209,3 +224,25 @@ def reward_over_strict_frac(
         if (trajectory_reward(t) or 0.0) >= success_threshold and (t.strict or 0.0) == 0.0
     )
     return over / len(scored)
+
+
+def perf_metrics(
+    *,
+    step_s: float,
+    new_tokens: int,
+    rollout_s: float,
+    train_tokens: float,
+    train_s: float,
+    staleness: int,
+    dropped: int,
+    policy_version: int,
+) -> dict[str, float]:
+    """One step's ``perf/*`` metrics from its timings and counters."""
+    return {
+        PERF_STEP_S: step_s,
+        PERF_ROLLOUT_TOKENS_PER_S: new_tokens / max(rollout_s, 1e-9),
+        PERF_TRAIN_TOKENS_PER_S: train_tokens / max(train_s, 1e-9),
+        PERF_STALENESS_MEAN: float(staleness),
+        PERF_DROPPED_STALE: float(dropped),
+        PERF_POLICY_VERSION: float(policy_version),
+    }

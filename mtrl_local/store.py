@@ -28,10 +28,8 @@ are the dataclasses of :mod:`mtrl_local.store_records`.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,8 +38,9 @@ from typing import Any, Literal
 
 import sqlite_utils
 
+from mtrl_local import __version__
 from mtrl_local.errors import UserError
-from mtrl_local.metrics import trajectory_reward
+from mtrl_local.run_dir import STORE_FILENAME
 from mtrl_local.store_records import (
     DiagnosticRecord,
     EvaluationRecord,
@@ -49,21 +48,15 @@ from mtrl_local.store_records import (
     TrajectoryRecord,
     diagnostic_record,
     evaluation_record,
+    json_value,
     run_info,
     trajectory_record,
+    trajectory_row,
 )
-from mtrl_local.store_schema import (
-    SCHEMA_VERSION,
-    STORE_FILENAME,
-    check_schema,
-    create_schema,
-)
+from mtrl_local.store_schema import SCHEMA_VERSION, check_schema, connect, create_schema
 from mtrl_local.trajectory import Trajectory
 
 logger = logging.getLogger(__name__)
-
-#: How long a statement waits for a lock before failing (writer checkpointing, reader opening).
-BUSY_TIMEOUT_S = 30.0
 
 RunStatus = Literal["created", "running", "finished", "failed", "stopped"]
 TrajectoryFilter = Literal["failures", "truncated", "zero_reward", "disagree"]
@@ -85,10 +78,6 @@ _FILTERS: dict[str, str] = {
 }
 
 
-def _json(value: Any) -> str:
-    return json.dumps(value, default=str, sort_keys=True)
-
-
 class RunStore:
     """The run store of one run directory. Build with :meth:`create` or :meth:`open`.
 
@@ -105,34 +94,6 @@ class RunStore:
         self.run_id: int = int(row[0]) if row else 1
 
     # -- opening -----------------------------------------------------------------------------------
-    @staticmethod
-    def _connect(path: Path, readonly: bool) -> sqlite_utils.Database:
-        if readonly:
-            # mode=ro: this connection cannot write, whatever the code above it does.
-            conn = sqlite3.connect(
-                f"{path.resolve().as_uri()}?mode=ro",
-                uri=True,
-                timeout=BUSY_TIMEOUT_S,
-                check_same_thread=False,
-            )
-        else:
-            conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
-        db = sqlite_utils.Database(conn, execute_plugins=False)
-        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-        if readonly:
-            db.execute("PRAGMA query_only = 1")
-        else:
-            try:
-                db.enable_wal()
-            except sqlite3.DatabaseError as exc:
-                conn.close()
-                raise UserError(f"{path}: not an mtrl-local run store ({exc})") from None
-            # FULL: a commit is on disk when it returns (NORMAL could lose the last commits on
-            # power loss; a crash of the process alone loses nothing either way).
-            db.execute("PRAGMA synchronous = FULL")
-            db.execute("PRAGMA foreign_keys = ON")
-        return db
-
     @classmethod
     def create(
         cls, run_dir: str | Path, name: str, task: str, config: Mapping[str, Any]
@@ -145,7 +106,7 @@ class RunStore:
             raise UserError(
                 f"{path} already exists: resume that run (RunStore.open) or pick a new run_dir"
             )
-        db = cls._connect(path, readonly=False)
+        db = connect(path, readonly=False)
         now = time.time()
         with db.atomic():  # all or nothing: a reader never sees a store without its meta
             create_schema(db)
@@ -156,11 +117,11 @@ class RunStore:
             db.execute(
                 "INSERT INTO runs (id, name, task, status, created_at, updated_at, config) "
                 "VALUES (1, ?, ?, 'created', ?, ?, ?)",
-                (name, task, now, now, _json(dict(config))),
+                (name, task, now, now, json_value(dict(config))),
             )
             db.execute(
                 "INSERT INTO configs (run_id, created_at, reason, config) VALUES (1, ?, ?, ?)",
-                (now, "create", _json(dict(config))),
+                (now, "create", json_value(dict(config))),
             )
         logger.info("run store created at %s", path)
         return cls(db, path, readonly=False)
@@ -171,7 +132,7 @@ class RunStore:
         path = Path(run_dir) / STORE_FILENAME
         if not path.is_file():
             raise UserError(f"{path}: no run store here (is {run_dir} a run directory?)")
-        db = cls._connect(path, readonly=readonly)
+        db = connect(path, readonly=readonly)
         try:
             check_schema(db, path)
         except BaseException:
@@ -214,11 +175,11 @@ class RunStore:
         with self._lock, self.db.atomic():
             self.db.execute(
                 "UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
-                (_json(dict(config)), now, self.run_id),
+                (json_value(dict(config)), now, self.run_id),
             )
             self.db.execute(
                 "INSERT INTO configs (run_id, created_at, reason, config) VALUES (?, ?, ?, ?)",
-                (self.run_id, now, reason, _json(dict(config))),
+                (self.run_id, now, reason, json_value(dict(config))),
             )
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
@@ -261,7 +222,7 @@ class RunStore:
                     f"step {step}: set group_id/sample_index before storing"
                 )
             seen.add(key)
-            rows.append(self._trajectory_row(step, t, label, now))
+            rows.append(trajectory_row(self.run_id, step, t, label, now))
         if not rows:
             return 0
         columns = list(rows[0])
@@ -278,36 +239,6 @@ class RunStore:
             logger.info("step %d: %d trajectories already stored", step, len(rows) - inserted)
         return inserted
 
-    def _trajectory_row(self, step: int, t: Trajectory, label: str, now: float) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "step": int(step),
-            "label": label,
-            "split": t.split,
-            "policy_version": t.policy_version,
-            "group_id": t.group_id,
-            "case_id": t.case_id,
-            "sample_index": t.sample_index,
-            "seed": t.seed,
-            "reward": trajectory_reward(t),
-            "per_turn_rewards": _json(t.reward) if isinstance(t.reward, list) else None,
-            "strict": t.strict,
-            "done_reason": t.done_reason,
-            "failed": int(t.failed),
-            "truncated": int(t.truncated),
-            "completed": int(t.completed),
-            "n_turns": t.n_turns,
-            "turn_tokens": _json([s.n_tokens for s in t.turns]),
-            "finish_reasons": _json([s.finish_reason for s in t.turns]),
-            "tool_calls": t.tool_calls,
-            "tool_errors": t.tool_errors,
-            "messages": _json(t.messages),
-            "ground_truth": _json(t.ground_truth),
-            "metrics": _json(t.metrics),
-            "counters": _json(t.counters),
-            "created_at": now,
-        }
-
     def add_evaluation(self, step: int, split: str, label: str, report: Mapping[str, Any]) -> None:
         """Upsert an evaluation report (e.g. ``evaluate.summarize``'s dict) for (step, split,
         label); ``label`` names the model: ``base``, ``tuned``, ``reference``."""
@@ -318,7 +249,7 @@ class RunStore:
                 "INSERT INTO evaluations (run_id, step, split, label, report, created_at) "
                 "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step, split, label) DO UPDATE SET "
                 "report = excluded.report, created_at = excluded.created_at",
-                (self.run_id, int(step), split, label, _json(dict(report)), now),
+                (self.run_id, int(step), split, label, json_value(dict(report)), now),
             )
             self._touch(now)
 
@@ -349,7 +280,7 @@ class RunStore:
                     code,
                     severity,
                     message,
-                    _json(dict(evidence or {})),
+                    json_value(dict(evidence or {})),
                     first_change,
                     confirm_with,
                     now,
@@ -482,6 +413,4 @@ def _float(value: Any) -> float:
 
 
 def _package_version() -> str:
-    from mtrl_local import __version__
-
     return f"mtrl-local {__version__}"

@@ -1,7 +1,8 @@
-"""What the run store's readers get back: plain dataclasses with the JSON columns decoded.
+"""Rows of the run store: what a trajectory is stored as, and what readers get back.
 
-Kept apart from :mod:`mtrl_local.store` so the dashboard's formatting code can depend on these
-shapes without reading the SQL.
+Readers get plain dataclasses with the JSON columns decoded; kept apart from
+:mod:`mtrl_local.store` so the dashboard's formatting code can depend on these shapes without
+reading the SQL.
 """
 
 from __future__ import annotations
@@ -9,6 +10,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from typing import Any
+
+from mtrl_local.scoring import scalar
+from mtrl_local.trajectory import Trajectory
+
+
+def json_value(value: Any) -> str:
+    """A JSON column's text (keys sorted, anything else as its string)."""
+    return json.dumps(value, default=str, sort_keys=True)
 
 
 def _load(value: str | None) -> Any:
@@ -156,3 +165,35 @@ def diagnostic_record(row: dict[str, Any]) -> DiagnosticRecord:
         confirm_with=row["confirm_with"],
         created_at=row["created_at"],
     )
+
+
+def trajectory_row(run_id: int, step: int, t: Trajectory, label: str, now: float) -> dict[str, Any]:
+    """The ``trajectories`` row of ``t`` (decoded text, rewards, per-turn counts; no token ids)."""
+    return {
+        "run_id": run_id,
+        "step": int(step),
+        "label": label,
+        "split": t.split,
+        "policy_version": t.policy_version,
+        "group_id": t.group_id,
+        "case_id": t.case_id,
+        "sample_index": t.sample_index,
+        "seed": t.seed,
+        "reward": None if t.reward is None else scalar(t.reward),
+        "per_turn_rewards": json_value(t.reward) if isinstance(t.reward, list) else None,
+        "strict": t.strict,
+        "done_reason": t.done_reason,
+        "failed": int(t.failed),
+        "truncated": int(t.truncated),
+        "completed": int(t.completed),
+        "n_turns": t.n_turns,
+        "turn_tokens": json_value([s.n_tokens for s in t.turns]),
+        "finish_reasons": json_value([s.finish_reason for s in t.turns]),
+        "tool_calls": t.tool_calls,
+        "tool_errors": t.tool_errors,
+        "messages": json_value(t.messages),
+        "ground_truth": json_value(t.ground_truth),
+        "metrics": json_value(t.metrics),
+        "counters": json_value(t.counters),
+        "created_at": now,
+    }

@@ -32,7 +32,6 @@ import sqlite_utils
 from mtrl_local.errors import UserError
 
 SCHEMA_VERSION = 1
-STORE_FILENAME = "run.sqlite"
 TRAJECTORY_KEY = ("run_id", "step", "label", "split", "group_id", "sample_index")
 
 
@@ -149,3 +148,37 @@ def check_schema(db: sqlite_utils.Database, path: Path) -> None:
             f"{path} was written by schema version {version}, "
             f"this mtrl-local reads {SCHEMA_VERSION}"
         )
+
+
+#: How long a statement waits for a lock before failing (writer checkpointing, reader opening).
+BUSY_TIMEOUT_S = 30.0
+
+
+def connect(path: Path, readonly: bool) -> sqlite_utils.Database:
+    """A connection to the store file: read-only (``mode=ro``, ``query_only``) or the writer's
+    (WAL, ``synchronous=FULL``, foreign keys)."""
+    if readonly:
+        # mode=ro: this connection cannot write, whatever the code above it does.
+        conn = sqlite3.connect(
+            f"{path.resolve().as_uri()}?mode=ro",
+            uri=True,
+            timeout=BUSY_TIMEOUT_S,
+            check_same_thread=False,
+        )
+    else:
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+    db = sqlite_utils.Database(conn, execute_plugins=False)
+    db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    if readonly:
+        db.execute("PRAGMA query_only = 1")
+    else:
+        try:
+            db.enable_wal()
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise UserError(f"{path}: not an mtrl-local run store ({exc})") from None
+        # FULL: a commit is on disk when it returns (NORMAL could lose the last commits on
+        # power loss; a crash of the process alone loses nothing either way).
+        db.execute("PRAGMA synchronous = FULL")
+        db.execute("PRAGMA foreign_keys = ON")
+    return db

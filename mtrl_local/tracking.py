@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mtrl_local.metrics import trajectory_reward
-from mtrl_local.trajectory import Trajectory
+from mtrl_local.trajectory import Trajectory, TurnSpan
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,6 @@ class MlflowTracker:
 
         opening, turns = split_turns(trajectory.messages)
         self._traces += 1
-        reward = trajectory_reward(trajectory)
         tags = {
             "mtrl.case_id": trajectory.case_id,
             "mtrl.split": trajectory.split,
@@ -225,57 +224,14 @@ class MlflowTracker:
             span_type=SpanType.AGENT,
             run_id=self.run_id,
             trace_destination=MlflowExperimentLocation(experiment_id=str(self.experiment_id)),
-            attributes={
-                "task": trajectory.task,
-                "case_id": trajectory.case_id,
-                "split": trajectory.split,
-                "group_id": trajectory.group_id,
-                "sample_index": trajectory.sample_index,
-                "seed": trajectory.seed,
-                "policy_version": trajectory.policy_version,
-                "step": -1 if step is None else step,
-                "n_turns": trajectory.n_turns,
-                "failed": trajectory.failed,
-            },
+            attributes=_trace_attributes(trajectory, step),
         ) as root:
             mlflow.update_current_trace(tags=tags)
             root.set_inputs({"messages": opening, "ground_truth": trajectory.ground_truth})
             for k, (assistant, results) in enumerate(turns):
-                span_info = trajectory.turns[k] if k < len(trajectory.turns) else None
-                with mlflow.start_span(f"turn_{k}", span_type=SpanType.CHAT_MODEL) as turn:
-                    turn.set_outputs(
-                        {
-                            "content": assistant.get("content", ""),
-                            "tool_calls": assistant.get("tool_calls", []),
-                        }
-                    )
-                    if span_info is not None:
-                        turn.set_attributes(
-                            {
-                                "finish_reason": span_info.finish_reason,
-                                "n_tokens": span_info.n_tokens,
-                            }
-                        )
-                    for name, arguments, result in pair_tool_results(assistant, results):
-                        with mlflow.start_span(f"tool:{name}", span_type=SpanType.TOOL) as tool:
-                            tool.set_inputs(arguments)
-                            content = result.get("content", "")
-                            tool.set_outputs(content)
-                            if str(content).startswith(TOOL_ERROR_PREFIX):
-                                tool.set_status("ERROR")
-            root.set_outputs(
-                {
-                    "reward": reward,
-                    "per_turn_rewards": (
-                        trajectory.reward if isinstance(trajectory.reward, list) else None
-                    ),
-                    "strict": trajectory.strict,
-                    "done_reason": trajectory.done_reason,
-                    "tool_calls": trajectory.tool_calls,
-                    "tool_errors": trajectory.tool_errors,
-                    "metrics": trajectory.metrics,
-                }
-            )
+                span = trajectory.turns[k] if k < len(trajectory.turns) else None
+                _trace_turn(k, assistant, results, span)
+            root.set_outputs(_trace_outputs(trajectory))
         return str(root.trace_id)
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -333,3 +289,56 @@ def pair_tool_results(
             arguments = dict(calls[i].get("arguments") or {})
             i += 1
         yield name, arguments, result
+
+
+def _trace_attributes(trajectory: Trajectory, step: int | None) -> dict[str, Any]:
+    return {
+        "task": trajectory.task,
+        "case_id": trajectory.case_id,
+        "split": trajectory.split,
+        "group_id": trajectory.group_id,
+        "sample_index": trajectory.sample_index,
+        "seed": trajectory.seed,
+        "policy_version": trajectory.policy_version,
+        "step": -1 if step is None else step,
+        "n_turns": trajectory.n_turns,
+        "failed": trajectory.failed,
+    }
+
+
+def _trace_outputs(trajectory: Trajectory) -> dict[str, Any]:
+    reward = trajectory.reward
+    return {
+        "reward": trajectory_reward(trajectory),
+        "per_turn_rewards": reward if isinstance(reward, list) else None,
+        "strict": trajectory.strict,
+        "done_reason": trajectory.done_reason,
+        "tool_calls": trajectory.tool_calls,
+        "tool_errors": trajectory.tool_errors,
+        "metrics": trajectory.metrics,
+    }
+
+
+def _trace_turn(
+    k: int,
+    assistant: Mapping[str, Any],
+    results: Sequence[Mapping[str, Any]],
+    span: TurnSpan | None,
+) -> None:
+    """Turn ``k`` as a chat span, with one tool span per call it made (inside an open trace)."""
+    import mlflow
+    from mlflow.entities import SpanType
+
+    with mlflow.start_span(f"turn_{k}", span_type=SpanType.CHAT_MODEL) as turn:
+        turn.set_outputs(
+            {"content": assistant.get("content", ""), "tool_calls": assistant.get("tool_calls", [])}
+        )
+        if span is not None:
+            turn.set_attributes({"finish_reason": span.finish_reason, "n_tokens": span.n_tokens})
+        for name, arguments, result in pair_tool_results(assistant, results):
+            with mlflow.start_span(f"tool:{name}", span_type=SpanType.TOOL) as tool:
+                tool.set_inputs(arguments)
+                content = result.get("content", "")
+                tool.set_outputs(content)
+                if str(content).startswith(TOOL_ERROR_PREFIX):
+                    tool.set_status("ERROR")

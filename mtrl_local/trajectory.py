@@ -1,4 +1,4 @@
-"""Trajectories: token in, token out (DESIGN.md §3).
+"""Trajectories: token in, token out (docs/design.md, "Trajectories").
 
 A :class:`Trajectory` keeps the exact ids the sampler produced. The prompt is encoded once; each
 model turn appends its sampled ids (``loss_mask`` 1, with the sampler's logprobs); the tool results

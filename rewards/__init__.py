@@ -1,21 +1,21 @@
-"""Rewards: parsers, the strict scorer, dense rewards, lenient counter-examples and audits."""
+"""Training rewards built on the strict scorer, lenient counter-examples, and reward audits.
 
-from rewards.dense import dense_reward, dense_reward_per_turn, per_turn_rewards
-from rewards.parsing import extract_final_response, final_assistant_text, parse_answer
-from rewards.strict import field_matches, normalize, strict_score
-from rewards.types import RewardFn, RewardResult, scalar
+A reward is a function of the shape :class:`mtrl_local.scoring.RewardFn`; the strict scorer it is
+audited against is :func:`mtrl_local.scoring.strict_score`.
+"""
+
+from rewards.dense import (
+    dense_reward,
+    dense_reward_per_turn,
+    dense_strict_reward,
+    per_turn_rewards,
+    strict_reward,
+)
 
 __all__ = [
-    "RewardFn",
-    "RewardResult",
     "dense_reward",
     "dense_reward_per_turn",
-    "extract_final_response",
-    "field_matches",
-    "final_assistant_text",
-    "normalize",
-    "parse_answer",
+    "dense_strict_reward",
     "per_turn_rewards",
-    "scalar",
-    "strict_score",
+    "strict_reward",
 ]

@@ -1,4 +1,5 @@
-"""Reward audit: is a training reward ever more lenient than the evaluation? (DESIGN.md §1.5, §4)
+"""Reward audit: is a training reward ever more lenient than the evaluation? (docs/design.md, "The
+loop" and "Rewards and the strict scorer")
 
 Plain functions, no pytest: the built-in audit set (``pytest --pyargs rewards.audits``) is a thin
 layer over them, and a script or notebook can call them directly. Every check returns a
@@ -16,7 +17,8 @@ Two families of checks:
   that the reward credits as a success (``reward ≥ success_threshold``) while the strict scorer
   gives 0 must stay under a bound. The offending episodes are returned so they can be read.
 
-Per-turn rewards (a list) are reduced to the trajectory's return with :func:`rewards.types.scalar`.
+Per-turn rewards (a list) are reduced to the trajectory's return with
+:func:`mtrl_local.scoring.scalar`.
 """
 
 from __future__ import annotations
@@ -30,9 +32,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.parsing import parse_answer
-from rewards.strict import normalize, strict_score
-from rewards.types import Message, RewardFn, RewardResult, scalar
+from mtrl_local.env.actions import parse_answer
+from mtrl_local.scoring import Message, RewardFn, RewardResult, normalize, scalar, strict_score
 
 #: Slack for float comparisons (sums of per-field credits are not exact).
 TOL = 1e-9
@@ -69,7 +70,7 @@ class Reference:
 
     @classmethod
     def of(cls, episode: Any) -> Reference:
-        """From a :class:`sopbench.base.PolicyEpisode`, a rollout record or a ``Reference``."""
+        """From a :class:`sopbench.base.ExpertEpisode`, a rollout record or a ``Reference``."""
         if isinstance(episode, Reference):
             return episode
         if isinstance(episode, Mapping):
@@ -243,7 +244,7 @@ def reward_value(result: Any) -> float:
     """The scalar return of whatever a reward function gave back.
 
     A :class:`RewardResult` (or ``(reward, metrics)`` tuple), a float, or a per-turn list — the
-    list summed with :func:`rewards.types.scalar`.
+    list summed with :func:`mtrl_local.scoring.scalar`.
     """
     if isinstance(result, RewardResult) or (isinstance(result, tuple) and len(result) == 2):
         result = result[0]
@@ -480,8 +481,9 @@ def check_rollouts(
 ) -> RolloutsReport:
     """Score recorded episodes with the reward and the strict scorer (recomputed, not read).
 
-    ``rows`` are rollout records (``mtrl_local.rollouts``: ``messages``, ``ground_truth``; optional
-    ``task``, ``case_id``, ``_line``). An offender: strict 0 and ``reward ≥ threshold``.
+    ``rows`` are rollout records (:mod:`mtrl_local.rollout_files`: ``messages``,
+    ``ground_truth``; optional ``task``, ``case_id``, ``_line``). An offender: strict 0 and
+    ``reward ≥ threshold``.
     """
     offenders: list[Offender] = []
     total = 0

@@ -1,4 +1,5 @@
-"""The default training reward: per-field accuracy plus a small format term (DESIGN.md §4).
+"""The default training reward: per-field accuracy plus a small format term (docs/design.md,
+"Rewards and the strict scorer").
 
 ``reward = field_acc + format_coef · (emitted − 1)``: a parseable answer adds nothing, no parseable
 answer costs ``format_coef``. Correctness dominates; the format term only separates "answered
@@ -11,9 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards.parsing import parse_answer
-from rewards.strict import field_matches
-from rewards.types import Message, RewardResult, scalar
+from mtrl_local.env.actions import parse_answer
+from mtrl_local.scoring import Message, RewardResult, field_matches, scalar
 
 
 def dense_reward(
@@ -48,12 +48,11 @@ def dense_strict_reward(
 ) -> RewardResult:
     """``(1 − strict_weight)·field_acc + strict_weight·strict + format_coef·(emitted − 1)``.
 
-    Why: per-field accuracy alone rewards each field's most likely value on its own. Measured on
-    the default model (aircraft_inspection, 50 steps of ``make train`` with :func:`dense_reward`):
-    test reward 0.36 → 0.54, completion 0.55 → 0.76, every field up 6–20 points, and strict TSR
-    0.10 → 0.00 — the answers drifted to "pass, pass, consistent" with ``aircraft_ready: false``,
-    each field's majority value, which no aircraft can have (SOP step 6). Half the reward on the
-    whole answer being right keeps the shaping and pays for coherent answers. Same range as
+    Why: per-field accuracy alone rewards each field's most likely value on its own, and a policy
+    can raise every field's accuracy while its answers drift to a combination no case has (on
+    aircraft_inspection: "pass, pass, consistent" with ``aircraft_ready: false``, against SOP
+    step 6; docs/results.md has the run). Half the reward on the whole answer being right keeps
+    the shaping and pays for coherent answers. Same range as
     :func:`dense_reward`; an all-right answer scores 1.
     """
     if not 0.0 <= strict_weight <= 1.0:
@@ -86,7 +85,7 @@ def per_turn_rewards(
 
     The final reward goes to the last assistant turn; each tool result that is an error costs the
     turn that made the call ``tool_error_penalty``. One entry per assistant turn (for
-    ``group_based_per_turn`` advantages, DESIGN.md §5).
+    ``group_based_per_turn`` advantages, docs/design.md, "Advantages").
     """
     rewards: list[float] = []
     for message in messages:

@@ -1,10 +1,10 @@
 """Rewards NOT to train with: each lenient trick here pays for answers the evaluation scores 0.
 
 These exist so the reward audit (``rewards.audit``, ``pytest --pyargs rewards.audits``) has a known
-offender to catch, and so the mistakes have names. Each one looks like a harmless convenience
-("the model almost got the format right") and each one is a reward hack waiting to be found: the
-policy learns whatever the reward pays for, and the strict scorer (the evaluation, DESIGN.md §4)
-pays for none of these.
+offender to catch, and so the mistakes have names. Each one looks like a harmless convenience ("the
+model almost got the format right") and each one is a reward hack waiting to be found: the policy
+learns whatever the reward pays for, and the strict scorer (the evaluation, docs/design.md, "Rewards
+and the strict scorer") pays for none of these.
 
 - :func:`lenient_parse` — reads other tags, bare JSON and JSON buried in prose. The model is
   never taught the output format the evaluation reads, so training reward rises while
@@ -27,9 +27,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from rewards.parsing import extract_final_response, final_assistant_text
-from rewards.strict import normalize
-from rewards.types import Message, RewardResult
+from mtrl_local.env.actions import extract_final_response, final_assistant_text
+from mtrl_local.scoring import Message, RewardResult, normalize
 
 #: WRONG: any of these tags is read as the final answer. The evaluation reads only the first.
 LENIENT_TAGS = ("final_response", "final_answer", "answer", "final", "response", "output")

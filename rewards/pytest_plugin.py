@@ -15,13 +15,19 @@ test runs) the options are checked, and a bad one stops the run with one ``ERROR
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
+from mtrl_local.errors import UserError
+from mtrl_local.plugins import load_reward, load_task
+from mtrl_local.rollout_files import read_rollout_file
+from mtrl_local.scoring import RewardFn, Scorer, strict_score
+
 if TYPE_CHECKING:
-    from rewards.types import RewardFn
-    from sopbench.base import PolicyEpisode, Task
+    # For annotations only: the plugin loads into every pytest run of the environment, and the
+    # suite is imported only when a test asks for an audit fixture (through load_task).
+    from sopbench.base import ExpertEpisode, Task
 
 #: The fixtures that make a test an audit (and trigger option checks).
 AUDIT_FIXTURES = frozenset(
@@ -96,27 +102,16 @@ def _options(config: pytest.Config) -> AuditOptions:
 
 def _check_options(config: pytest.Config) -> None:
     """Fail fast with one line on a bad option; reads the rollouts file once and keeps it."""
-    from mtrl_local.errors import UserError
-    from mtrl_local.rollouts import read_rollouts
-    from rewards.loading import load_reward
-    from sopbench.registry import get_task
-
     opts = _options(config)
     if opts.cases < 1:
         raise pytest.UsageError(f"--audit-cases must be >= 1, got {opts.cases}")
     if not 0.0 <= opts.bound <= 1.0:
         raise pytest.UsageError(f"--audit-bound must be in [0, 1], got {opts.bound}")
     try:
-        get_task(opts.task)
-        try:
-            load_reward(opts.reward)
-        except UserError:
-            raise
-        except Exception as exc:  # the module imports but breaks: still a bad option, one line
-            why = f"{type(exc).__name__}: {exc}"
-            raise UserError(f"reward '{opts.reward}': cannot be loaded ({why})") from None
+        load_task(opts.task)
+        load_reward(opts.reward)
         if opts.rollouts is not None:
-            config.stash[_ROWS_KEY] = read_rollouts(opts.rollouts)
+            config.stash[_ROWS_KEY] = read_rollout_file(opts.rollouts)
     except UserError as exc:
         raise pytest.UsageError(str(exc)) from None
 
@@ -147,17 +142,15 @@ def audit_options(pytestconfig: pytest.Config) -> AuditOptions:
 
 @pytest.fixture(scope="session")
 def task(audit_options: AuditOptions) -> Task:
-    """The task under ``--audit-task``."""
-    from sopbench.registry import get_task
-
-    return get_task(audit_options.task)
+    """The task under ``--audit-task`` (a suite task: the audits run its expert)."""
+    return cast("Task", load_task(audit_options.task))
 
 
 @pytest.fixture(scope="session")
-def reference_episodes(task: Task, audit_options: AuditOptions) -> list[PolicyEpisode]:
+def reference_episodes(task: Task, audit_options: AuditOptions) -> list[ExpertEpisode]:
     """The reference policy on the first ``--audit-cases`` cases of the val split."""
     cases = task.cases("val")[: audit_options.cases]
-    return [task.run_policy(c) for c in cases]
+    return [task.run_expert(c) for c in cases]
 
 
 @pytest.fixture(scope="session")
@@ -171,9 +164,7 @@ def rollouts(
     if audit_options.rollouts is not None:
         rows = pytestconfig.stash.get(_ROWS_KEY, None)
         if rows is None:
-            from mtrl_local.rollouts import read_rollouts
-
-            rows = read_rollouts(audit_options.rollouts)
+            rows = read_rollout_file(audit_options.rollouts)
         return rows
     return [{**ep.to_rollout(), "_line": i} for i, ep in enumerate(task.noisy_episodes("val"), 1)]
 
@@ -181,14 +172,10 @@ def rollouts(
 @pytest.fixture(scope="session")
 def reward_fn(audit_options: AuditOptions) -> RewardFn:
     """The reward function under ``--audit-reward``."""
-    from rewards.loading import load_reward
-
     return load_reward(audit_options.reward)
 
 
 @pytest.fixture(scope="session")
-def strict_scorer() -> Any:
-    """The strict scorer (the evaluation), :func:`rewards.strict.strict_score`."""
-    from rewards.strict import strict_score
-
+def strict_scorer() -> Scorer:
+    """The strict scorer (the evaluation), :func:`mtrl_local.scoring.strict_score`."""
     return strict_score

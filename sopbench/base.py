@@ -1,14 +1,15 @@
 """What every SOP task is made of, and the machinery they share.
 
 A task subclasses :class:`Task` and provides: the SOP text, the output fields, a seeded case
-generator (:meth:`Task.generate`), an environment factory (:meth:`Task.make_env`) and a scripted
-reference policy (:meth:`Task.reference_policy`). The base class gives it stable splits, the
-noisy-expert variant of the policy, JSONL import/export of cases and :meth:`Task.validate`.
+generator (:meth:`Task.generate`), an environment factory (:meth:`Task.make_env`) and an
+**expert program** (:meth:`Task.expert`). The base class gives it stable splits, the noisy
+expert (the same program slipping at a seeded rate), JSONL import/export of cases and
+:meth:`Task.validate`. A task is what :class:`mtrl_local.task.Task` asks for, plus these.
 
-A policy is a generator: it yields :class:`Call` or :class:`Answer` actions and receives the text
-of the first tool result of each call (``None`` if a step was skipped). It decides from what the
-tools returned, never from the ground truth — so a reference TSR of 1.0 proves that the tools, the
-SOP's rules and the ground truth agree.
+An expert program is a generator: it yields :class:`Call` or :class:`Answer` actions and receives
+the text of the first tool result of each call (``None`` if a step was skipped). It decides from
+what the tools returned, never from the ground truth — so a reference TSR of 1.0 (the expert
+without noise) proves that the tools, the SOP's rules and the ground truth agree.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Generator, Iterable
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -24,7 +25,8 @@ from typing import Any, ClassVar, Literal
 from mtrl_local.env import Environment, Episode, render_final_response, render_tool_call
 from mtrl_local.env.patterns import stable_seed
 from mtrl_local.errors import UserError
-from rewards.strict import strict_score
+from mtrl_local.jsonl import read_jsonl, write_jsonl
+from mtrl_local.scoring import strict_score
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -47,7 +49,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Call:
-    """A policy action: call ``name`` with ``arguments``."""
+    """An expert action: call ``name`` with ``arguments``."""
 
     name: str
     arguments: dict[str, Any]
@@ -55,13 +57,13 @@ class Call:
 
 @dataclass(frozen=True)
 class Answer:
-    """A policy action: the final answer (output fields)."""
+    """An expert action: the final answer (output fields)."""
 
     fields: dict[str, Any]
 
 
 Action = Call | Answer
-Policy = Generator[Action, "str | None", None]
+ExpertProgram = Generator[Action, "str | None", None]
 
 #: Error kinds of the noisy expert: skipped step, misread value, wrong tag, early answer.
 NOISE_KINDS = ("skip_step", "misread", "wrong_tag", "early_answer")
@@ -69,10 +71,10 @@ WRONG_TAGS = ("final_answer", "answer", "final")
 
 
 class Noise:
-    """Seeded error injection for the noisy-expert policy; ``rate=0`` is the reference policy.
+    """Seeded error injection for the noisy expert; ``rate=0`` is the reference (no slips).
 
-    A policy asks ``noise.happens("skip_step")`` at each decision point where the expert could slip;
-    each kind fires with probability ``rate``. What fired is kept in :attr:`events`.
+    An expert program asks ``noise.happens("skip_step")`` at each decision point where it could
+    slip; each kind fires with probability ``rate``. What fired is kept in :attr:`events`.
     """
 
     def __init__(self, rate: float = 0.0, seed: int = 0) -> None:
@@ -120,7 +122,7 @@ def parse_json(text: str | None) -> Any:
 
 
 @dataclass
-class PolicyEpisode:
+class ExpertEpisode:
     """A finished scripted episode: the messages, counters, strict score and injected errors."""
 
     case: Case
@@ -134,7 +136,7 @@ class PolicyEpisode:
     tools: list[dict[str, Any]] = field(default_factory=list)
 
     def to_rollout(self) -> dict[str, Any]:
-        """One line of a rollouts JSONL file (see ``mtrl_local.rollouts``)."""
+        """One line of a rollout file (see ``mtrl_local.rollout_files``)."""
         return {
             "task": self.case.task,
             "case_id": self.case.case_id,
@@ -182,7 +184,7 @@ class Task:
         """A fresh environment for one episode."""
         raise NotImplementedError
 
-    def reference_policy(self, case: Case, noise: Noise) -> Policy:
+    def expert(self, case: Case, noise: Noise) -> ExpertProgram:
         """The scripted expert; consult ``noise`` where it could slip."""
         raise NotImplementedError
 
@@ -193,10 +195,10 @@ class Task:
     # -- derived -------------------------------------------------------------------------------
     @property
     def max_turns(self) -> int:
-        """``ceil(1.5 × reference turns)`` (DESIGN.md §3)."""
+        """``ceil(1.5 × reference turns)`` (docs/design.md, "Budgets")."""
         return math.ceil(1.5 * self.reference_turns)
 
-    def cases(self, split: Split | None = None) -> list[Case]:
+    def cases(self, split: str | None = None) -> list[Case]:
         """All cases (or one split's), generated once; identical on every run and machine."""
         if self._cases is None:
             self._cases = self._generate_all()
@@ -226,11 +228,11 @@ class Task:
             cases.append(Case(self.name, case_id, split_of[i], inputs, truth))
         return cases
 
-    # -- running policies -------------------------------------------------------------------------
-    def run_policy(
+    # -- running the expert ------------------------------------------------------------------------
+    def run_expert(
         self, case: Case, seed: int = 0, noise_rate: float = 0.0, noise_seed: int | None = None
-    ) -> PolicyEpisode:
-        """Run the reference policy (``noise_rate=0``) or the noisy expert on ``case``."""
+    ) -> ExpertEpisode:
+        """Run the expert on ``case``: the reference (``noise_rate=0``) or the noisy expert."""
         nseed = seed if noise_seed is None else noise_seed
         noise = Noise(noise_rate, stable_seed(case.case_id, "noise", nseed))
         env = self.make_env()
@@ -238,23 +240,23 @@ class Task:
         with episode:
             episode.reset()
             tools = env.tool_schemas()
-            policy = self.reference_policy(case, noise)
+            program = self.expert(case, noise)
             result: str | None = None
             while not episode.done:
                 try:
-                    action = policy.send(result)  # send(None) starts the generator
+                    action = program.send(result)  # send(None) starts the generator
                 except StopIteration:
                     break
                 if isinstance(action, Call) and noise.happens("early_answer", scale=0.25):
                     # The expert stops here and answers with what it believes so far.
-                    policy.close()
+                    program.close()
                     action = Answer(self.guess_answer(case))
                 text = self._render(action, noise)
                 step = episode.step(text)
                 result = step.messages[0]["content"] if step.messages else None
             if not episode.done:
                 episode.abort("no_action")
-        return PolicyEpisode(
+        return ExpertEpisode(
             case=case,
             messages=episode.messages,
             turns=episode.stats.turns,
@@ -289,16 +291,16 @@ class Task:
             text = text.replace("final_response>", f"{tag}>")
         return text
 
-    def reference_episodes(self, split: Split | None = None, seed: int = 0) -> list[PolicyEpisode]:
-        """The reference policy on every case of ``split``."""
-        return [self.run_policy(c, seed=seed) for c in self.cases(split)]
+    def reference_episodes(self, split: str | None = None, seed: int = 0) -> list[ExpertEpisode]:
+        """The expert without noise on every case of ``split``."""
+        return [self.run_expert(c, seed=seed) for c in self.cases(split)]
 
     def noisy_episodes(
-        self, split: Split = "train", rate: float | None = None, seed: int = 0
-    ) -> list[PolicyEpisode]:
+        self, split: str = "train", rate: float | None = None, seed: int = 0
+    ) -> list[ExpertEpisode]:
         """The noisy expert on every case of ``split`` (demonstrations, audit fixtures)."""
         r = self.default_noise_rate if rate is None else rate
-        return [self.run_policy(c, seed=seed, noise_rate=r) for c in self.cases(split)]
+        return [self.run_expert(c, seed=seed, noise_rate=r) for c in self.cases(split)]
 
     # -- checks -----------------------------------------------------------------------------------
     def validate(self) -> ValidationReport:
@@ -313,7 +315,7 @@ class Task:
             if set(c.ground_truth) != set(self.output_fields):
                 problems.append(f"case {c.case_id}: ground truth fields differ from output_fields")
                 break
-        episodes = [self.run_policy(c) for c in cases]
+        episodes = [self.run_expert(c) for c in cases]
         tsr = sum(e.strict for e in episodes) / len(episodes)
         failed = [e.case.case_id for e in episodes if e.strict < 1.0]
         if failed:
@@ -325,22 +327,18 @@ class Task:
                 f"{self.reference_turns}"
             )
         if any(e.tool_errors for e in episodes):
-            problems.append("the reference policy made tool errors")
+            problems.append("the expert made tool errors")
         return ValidationReport(self.name, sizes, tsr, longest, self.max_turns, problems)
 
     # -- cases files ------------------------------------------------------------------------------
-    def export_cases(self, path: str | Path, split: Split | None = None) -> int:
+    def export_cases(self, path: str | Path, split: str | None = None) -> int:
         """Write cases as JSONL (one per line); returns how many."""
-        cases = self.cases(split)
-        with open(path, "w", encoding="utf-8") as f:
-            for c in cases:
-                f.write(json.dumps(c.to_json()) + "\n")
-        return len(cases)
+        return write_jsonl(path, (c.to_json() for c in self.cases(split)))
 
     def load_cases(self, path: str | Path) -> list[Case]:
         """Read a cases JSONL file; any problem is a :class:`UserError` naming file, line, field."""
         out: list[Case] = []
-        for lineno, obj in _read_jsonl(path):
+        for lineno, obj in read_jsonl(path):
             where = f"{path}:{lineno}"
             for key, kind in (
                 ("case_id", str),
@@ -371,24 +369,6 @@ class Task:
 
 
 _KIND_NAMES = {str: "a string", dict: "an object", list: "a list", int: "an integer"}
-
-
-def _read_jsonl(path: str | Path) -> Iterable[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-empty line; a :class:`UserError` on the first bad one."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such file")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object")
-            yield lineno, obj
 
 
 @dataclass

@@ -26,21 +26,21 @@ def main(model_dir: str, out: str, overrides: str = "{}") -> None:
 
     from mtrl_local.advantages import compute_advantages, group_by
     from mtrl_local.config import load_config
-    from mtrl_local.models.default import load_model
-    from mtrl_local.rollout.backend import SamplingParams
+    from mtrl_local.model_io import load_model
+    from mtrl_local.plugins import load_task
     from mtrl_local.rollout.engine import RolloutEngine
+    from mtrl_local.rollout.sampler import SamplingParams
     from mtrl_local.train.distributed import full_state_dict, shard_model
     from mtrl_local.train.policy import Reference
     from mtrl_local.train.update import UpdateContext, update_policy
     from rewards.dense import dense_reward
-    from sopbench import get_task
-    from tests.trainer_fixtures import noisy_expert_backend
+    from tests.trainer_fixtures import noisy_expert_sampler
 
     state = PartialState(cpu=True)  # initialises torch.distributed (gloo) under accelerate launch
     torch.manual_seed(0)
     model, tokenizer = load_model(model_dir)
-    task = get_task("aircraft_inspection")
-    engine = RolloutEngine(noisy_expert_backend(tokenizer, task.name), tokenizer, progress=False)
+    task = load_task("aircraft_inspection")
+    engine = RolloutEngine(noisy_expert_sampler(tokenizer, task.name), tokenizer, progress=False)
     trajectories = engine.run(
         task,
         # Three groups: two processes get two and one (uneven shards; under FSDP the process

@@ -27,7 +27,7 @@ from mtrl_local.chat import (
     render,
 )
 from mtrl_local.env import render_final_response, render_tool_call
-from mtrl_local.models import train_tokenizer
+from sopbench.default_model.tokenizer import train_tokenizer
 
 SYSTEM = "You inspect aircraft before flight. Follow the SOP step by step and report the results."
 

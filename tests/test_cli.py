@@ -107,12 +107,12 @@ def test_bad_reward_spec_is_one_line_exit_2() -> None:
 
 
 def test_export_noisy_rollouts_round_trip(tmp_path: Path) -> None:
-    from mtrl_local.rollouts import read_rollouts
+    from mtrl_local.rollout_files import read_rollout_file
 
     out = tmp_path / "noisy.jsonl"
     proc = mtrl("export", "noisy", "customer_service", "--split", "val", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    rows = read_rollouts(out)
+    rows = read_rollout_file(out)
     assert len(rows) == 100
     assert {r["task"] for r in rows} == {"customer_service"}
     assert 0 < sum(r["strict"] for r in rows) < 100  # noisy: some fail, most succeed

@@ -5,14 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from mtrl_local.config import MultiTurnRLConfig, field_docs, load_config, parse_overrides
+from mtrl_local.config import (
+    AsyncConfig,
+    MultiTurnRLConfig,
+    SamplingConfig,
+    load_config,
+    parse_overrides,
+)
 from mtrl_local.errors import UserError
 
 
-def test_every_field_has_a_docstring() -> None:
-    docs = field_docs()
-    missing = [f for f in MultiTurnRLConfig.__dataclass_fields__ if f not in docs]
+@pytest.mark.parametrize("model", [MultiTurnRLConfig, SamplingConfig, AsyncConfig])
+def test_every_field_has_a_description(model: type[BaseModel]) -> None:
+    missing = [name for name, f in model.model_fields.items() if not (f.description or "").strip()]
     assert missing == []
 
 
@@ -45,6 +52,8 @@ def test_recipe_then_overrides(tmp_path: Path) -> None:
         (["batch_size=10"], "must be a multiple of num_generations"),
         (["async_config.max_steps_off_policy=-1"], "max_steps_off_policy must be ≥ 0"),
         (["val_sampling_params=2"], "must be a table of"),
+        (["val_sampling_params.nope=1"], "command line: val_sampling_params: unknown field 'nope'"),
+        (["group_size=x"], "field 'group_size' must be an integer"),
         (["novalue"], "expected key=value"),
     ],
 )
@@ -72,3 +81,63 @@ def test_clip_ranges_default_per_loss() -> None:
     assert (cispo.epsilon_low, cispo.resolved_epsilon_high) == (1.0, 6.0)
     ppo = load_config(None, {"epsilon": "0.1"})
     assert (ppo.epsilon_low, ppo.resolved_epsilon_high) == (0.1, 0.2)
+
+
+def test_bool_is_not_a_number_in_a_recipe(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("max_steps = true\n")
+    with pytest.raises(
+        UserError, match=f"{recipe}: field 'max_steps' must be an integer, got True"
+    ):
+        load_config(recipe)
+    recipe.write_text("mlflow = 1\n")
+    with pytest.raises(UserError, match="field 'mlflow' must be true or false, got 1"):
+        load_config(recipe)
+
+
+def test_command_line_strings_are_converted() -> None:
+    cfg = load_config(
+        None,
+        parse_overrides(
+            ["epsilon=none", "tis_cap=NULL", "mlflow=no", "bf16=yes", "lora_target_modules=a, b,"]
+        ),
+    )
+    assert (cfg.epsilon, cfg.tis_cap) == (None, None)
+    assert (cfg.mlflow, cfg.bf16) == (False, True)
+    assert cfg.lora_target_modules == ["a", "b"]
+    # ``none`` is None only where the type admits None.
+    assert load_config(None, {"scale_rewards": "none"}).scale_rewards == "none"
+
+
+def test_nested_override_keeps_the_fields_default() -> None:
+    cfg = load_config(None, parse_overrides(["val_sampling_params.n_samples=2"]))
+    assert (cfg.val_sampling_params.temperature, cfg.val_sampling_params.n_samples) == (0.0, 2)
+
+
+def test_later_source_wins_and_tables_merge(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("group_size = 4\n[val_sampling_params]\ntemperature = 0.5\n")
+    overrides = parse_overrides(["num_generations=2", "val_sampling_params.n_samples=3"])
+    cfg = load_config(recipe, overrides)
+    assert cfg.num_generations == 2
+    assert (cfg.val_sampling_params.temperature, cfg.val_sampling_params.n_samples) == (0.5, 3)
+
+
+def test_constructor_checks_cross_field_rules() -> None:
+    with pytest.raises(UserError, match="must be a multiple of num_generations"):
+        MultiTurnRLConfig(per_device_train_batch_size=10, num_generations=4)
+    cfg = MultiTurnRLConfig()
+    cfg.max_steps = 1
+    assert cfg.max_steps == 1
+
+
+def test_to_dict_round_trips() -> None:
+    cfg = load_config(None, parse_overrides(["loss_type=cispo", "val_sampling_params.n_samples=4"]))
+    data = cfg.to_dict()
+    assert data["val_sampling_params"] == {
+        "temperature": 0.0,
+        "top_p": 1.0,
+        "sampling_max_tokens": 96,
+        "n_samples": 4,
+    }
+    assert load_config(None, data) == cfg

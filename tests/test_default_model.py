@@ -26,9 +26,18 @@ from mtrl_local.chat import (
     encode_prompt,
     render,
 )
-from mtrl_local.models import default as default_mod
-from mtrl_local.models import sft as sft_mod
-from mtrl_local.models.curriculum import (
+from mtrl_local.evaluate import EvalConfig, evaluate
+from mtrl_local.model_io import load_model
+from mtrl_local.plugins import load_task
+from rewards.dense import dense_reward
+from sopbench.aircraft_inspection import rules as aircraft_rules
+from sopbench.aircraft_inspection.task import recombined_inputs
+from sopbench.default_model import cache as cache_mod
+from sopbench.default_model import evidence as evidence_mod
+from sopbench.default_model import stages as stages_mod
+from sopbench.default_model.build import build_default_model
+from sopbench.default_model.cache import default_model_path
+from sopbench.default_model.curriculum import (
     KINDS,
     VERDICTS,
     curriculum,
@@ -36,16 +45,9 @@ from mtrl_local.models.curriculum import (
     keyed_runs,
     verdict_answer,
 )
-from mtrl_local.models.default import (
-    BUILD_FILE,
-    DefaultModelSpec,
-    build_default_model,
-    default_model_path,
-    load_model,
-)
-from sopbench import get_task
-from sopbench.aircraft_inspection import rules as aircraft_rules
-from sopbench.aircraft_inspection.task import recombined_inputs
+from sopbench.default_model.data import jsonable_messages
+from sopbench.default_model.phase import PhaseResult
+from sopbench.default_model.spec import BUILD_FILE, DefaultModelSpec
 
 TINY = DefaultModelSpec(
     vocab_size=400,
@@ -148,11 +150,9 @@ def test_keyed_runs_ask_for_one_record_that_is_in_the_window() -> None:
 
 
 def test_verdict_answers_are_aircraft_answers_whose_ready_is_the_conjunction() -> None:
-    from sopbench import get_task
-
     # The skeleton (keys, order, separators, chat glue) is that of a real final answer.
-    task = get_task("aircraft_inspection")
-    episode = task.run_policy(task.cases("train")[0], seed=0, noise_rate=0.0)
+    task = load_task("aircraft_inspection")
+    episode = task.run_expert(task.cases("train")[0], seed=0, noise_rate=0.0)
     real = f"{ASSISTANT_HEADER}{episode.messages[-1]['content']}{IM_END}\n"
     value = r'("[^"]*"|true|false)'
     skeleton = re.sub(value, "V", real)
@@ -175,11 +175,11 @@ def test_verdict_stage_trains_ready_and_never_a_random_value(tiny_build: Path) -
 
     def spy(name, model, make_batch, **kw):  # type: ignore[no-untyped-def]
         seen.append(make_batch())
-        return sft_mod.PhaseResult(name, 0, 0, 0.0, None, None, [], 0)
+        return PhaseResult(name, 0, 0, 0.0, None, None, [], 0)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sft_mod, "_token_stage", spy)
-        sft_mod.train_verdicts(
+        mp.setattr(stages_mod, "_token_stage", spy)
+        stages_mod.train_verdicts(
             model,
             tok,
             steps=1,
@@ -202,7 +202,7 @@ def test_verdict_stage_trains_ready_and_never_a_random_value(tiny_build: Path) -
 
 # -- evidence stage --------------------------------------------------------------------------------
 def test_recombined_aircraft_take_each_verdict_from_its_source() -> None:
-    task = get_task("aircraft_inspection")
+    task = load_task("aircraft_inspection")
     cases = task.cases("train")
     rng = random.Random(0)
     for _ in range(300):
@@ -221,22 +221,22 @@ def test_recombined_aircraft_take_each_verdict_from_its_source() -> None:
                 source.ground_truth[field] in ("none", "pass", "consistent")
             ), field
     # The tools expose everything the rules decide on a recombined aircraft too.
-    episodes = [task.run_policy(task.recombined_case(cases, rng, i)) for i in range(20)]
+    episodes = [task.run_expert(task.recombined_case(cases, rng, i)) for i in range(20)]
     assert all(e.strict for e in episodes)
     assert {e.case.ground_truth["aircraft_ready"] for e in episodes} == {True, False}
 
 
 def _aircraft_episode(index: int = 0) -> Any:
-    task = get_task("aircraft_inspection")
-    return task.run_policy(task.cases("train")[index])
+    task = load_task("aircraft_inspection")
+    return task.run_expert(task.cases("train")[index])
 
 
 def test_evidence_example_weights_the_answers_decisions(tiny_build: Path) -> None:
     _, tok = load_model(tiny_build)
     episode = _aircraft_episode(3)
-    ids, weights = sft_mod.evidence_example(tok, episode, 7.0)
+    ids, weights = evidence_mod.evidence_example(tok, episode, 7.0)
     mask = tok.apply_chat_template(
-        sft_mod._jsonable_messages(episode.messages),
+        jsonable_messages(episode.messages),
         tools=episode.tools,
         return_dict=True,
         return_assistant_tokens_mask=True,
@@ -245,7 +245,7 @@ def test_evidence_example_weights_the_answers_decisions(tiny_build: Path) -> Non
     # Only the model's own tokens are trained; the decisions are among them.
     assert [w > 0 for w in weights] == [bool(m) for m in mask]
     heavy = tok.decode([t for t, w in zip(ids, weights, strict=True) if w == 7.0])
-    for field in sft_mod.EVIDENCE_FIELDS:
+    for field in evidence_mod.EVIDENCE_FIELDS:
         assert json.dumps(episode.case.ground_truth[field]) in heavy, field
     assert episode.case.ground_truth["tail_number"] not in heavy
 
@@ -253,8 +253,8 @@ def test_evidence_example_weights_the_answers_decisions(tiny_build: Path) -> Non
 def test_evidence_loss_with_a_shared_prefix_is_the_whole_sequence_loss(tiny_build: Path) -> None:
     model, tok = load_model(tiny_build)
     model = model.double().train()
-    batch = [sft_mod.evidence_example(tok, _aircraft_episode(i), 5.0) for i in range(3)]
-    loss, prefix, shared = sft_mod.evidence_loss(model, batch, int(tok.pad_token_id))
+    batch = [evidence_mod.evidence_example(tok, _aircraft_episode(i), 5.0) for i in range(3)]
+    loss, prefix, shared = evidence_mod.evidence_loss(model, batch, int(tok.pad_token_id))
     loss.backward()
     assert prefix is not None and shared > 200  # the system turn
     prefix.backward()
@@ -331,7 +331,7 @@ def test_cache_is_reused_and_keyed_by_spec(tmp_path: Path, monkeypatch: pytest.M
     def no_build(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("a cached build must not be rebuilt")
 
-    monkeypatch.setattr(default_mod, "build_default_model", no_build)
+    monkeypatch.setattr(cache_mod, "build_default_model", no_build)
     assert default_model_path(tmp_path, spec=TINY) == first
     monkeypatch.setenv("MTRL_CACHE", str(tmp_path))
     assert default_model_path(spec=TINY) == first
@@ -344,15 +344,15 @@ def test_a_shipped_build_of_the_same_spec_fills_the_cache_without_building(
     def no_build(*args: Any, **kwargs: Any) -> Path:
         raise AssertionError("a shipped build of the same spec must not be rebuilt")
 
-    monkeypatch.setattr(default_mod, "SHIPPED_DIR", tiny_build)
-    monkeypatch.setattr(default_mod, "build_default_model", no_build)
+    monkeypatch.setattr(cache_mod, "SHIPPED_DIR", tiny_build)
+    monkeypatch.setattr(cache_mod, "build_default_model", no_build)
     path = default_model_path(tmp_path / "cache", build=False, spec=TINY)
     assert (path / "model.safetensors").read_bytes() == (
         tiny_build / "model.safetensors"
     ).read_bytes()
     # another spec does not match the shipped build: it must be built (here: refused)
     other = DefaultModelSpec(**{**TINY.__dict__, "seed": 7})
-    assert default_mod.shipped_build(other) is None
+    assert cache_mod.shipped_build(other) is None
     with pytest.raises(FileNotFoundError, match="make base-model"):
         default_model_path(tmp_path / "cache", build=False, spec=other)
 
@@ -391,8 +391,8 @@ def test_load_model_keeps_a_tokenizers_own_template(tiny_build: Path, tmp_path: 
 
 def test_the_shipped_build_is_of_the_current_default_spec() -> None:
     """A change to the spec or the recipe must come with a re-shipped build (make base-model)."""
-    shipped = default_mod.shipped_build(DefaultModelSpec())
-    assert shipped is not None, "mtrl_local/models/shipped/ is missing or of another spec"
+    shipped = cache_mod.shipped_build(DefaultModelSpec())
+    assert shipped is not None, "sopbench/default_model/shipped/ is missing or of another spec"
     record = json.loads((shipped / BUILD_FILE).read_text())
     assert record["spec"] == json.loads(json.dumps(DefaultModelSpec().__dict__))
     model, tok = load_model(shipped)
@@ -401,11 +401,11 @@ def test_the_shipped_build_is_of_the_current_default_spec() -> None:
 
 # -- the foothold (slow) -------------------------------------------------------------------------
 def assert_foothold(path: Path) -> None:
-    from mtrl_local.evaluate import EvalConfig, evaluate
-
+    task = load_task("aircraft_inspection")
     for temperature in (0.0, 1.0):
-        config = EvalConfig(task="aircraft_inspection", temperature=temperature, device="cpu")
-        summary = evaluate(path, config).results[0].summary
+        config = EvalConfig(temperature=temperature, device="cpu")
+        report = evaluate([("model", path)], task, config, reward_fn=dense_reward)
+        summary = report.results[0].summary
         assert 0.05 <= summary["tsr"] <= 0.50, summary
         assert summary["first_turn_tool_call_frac"] >= 0.90, summary
 
@@ -413,7 +413,7 @@ def assert_foothold(path: Path) -> None:
 @pytest.mark.slow
 def test_the_shipped_default_model_has_a_foothold() -> None:
     """The shipped build through the real evaluation harness, test split (~4 min)."""
-    shipped = default_mod.shipped_build(DefaultModelSpec())
+    shipped = cache_mod.shipped_build(DefaultModelSpec())
     assert shipped is not None
     assert_foothold(shipped)
 

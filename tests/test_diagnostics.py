@@ -8,7 +8,6 @@ import pytest
 
 from mtrl_local import diagnostics as D
 from mtrl_local import metrics as M
-from mtrl_local.errors import UserError
 
 STEPS = range(60)
 
@@ -175,16 +174,3 @@ def test_finding_is_json_ready_and_storable(tmp_path) -> None:  # type: ignore[n
         store.add_findings(findings)
         (row,) = store.diagnostics()
     assert row.code == "truncation_high" and row.evidence == findings[0].to_json()["evidence"]
-
-
-def test_context_budget() -> None:
-    assert D.check_context_budget(9, 512, 256, 1000, 8192) is None  # 1000 + 9·768 = 7912
-    with pytest.raises(UserError) as err:
-        D.check_context_budget(10, 512, 256, 1000, 8192)  # 8680 > 8192
-    msg = str(err.value)
-    assert "8680 tokens > context window 8192" in msg
-    assert "lower max_turns to 9" in msg and "lower sampling_max_tokens to 463" in msg
-    with pytest.raises(UserError, match="prompt alone"):
-        D.check_context_budget(4, 512, 0, 7900, 8192)
-    with pytest.raises(UserError, match="max_turns must be >= 1"):
-        D.check_context_budget(0, 512, 0, 10, 8192)

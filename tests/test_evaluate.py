@@ -12,23 +12,16 @@ from typing import Any
 
 import pytest
 
-from mtrl_local.evaluate import (
-    EvalConfig,
-    EvalReport,
-    ModelResult,
-    first_turn_tool_call_ok,
-    format_table,
-    pass_at_k,
-    summarize,
-    val_metrics,
-)
+from mtrl_local.cli.tables import format_table
+from mtrl_local.env.actions import parse_answer
+from mtrl_local.eval_metrics import first_turn_tool_call_ok, pass_at_k, summarize, val_metrics
+from mtrl_local.evaluate import EvalConfig, EvalReport, LoadedModel, ModelResult, evaluate
+from mtrl_local.plugins import load_task
+from mtrl_local.scoring import normalize, strict_score
 from mtrl_local.trajectory import Trajectory, TurnSpan
 from rewards.audit import no_answer_episode, with_answer
 from rewards.dense import dense_reward
-from rewards.parsing import parse_answer
-from rewards.strict import normalize
-from sopbench import get_task
-from sopbench.base import PolicyEpisode
+from sopbench.base import ExpertEpisode
 
 TASK = "aircraft_inspection"
 MTRL = [sys.executable, "-m", "mtrl_local.cli"]
@@ -62,7 +55,7 @@ def test_pass_at_k_large_n_is_stable_and_rejects_bad_input() -> None:
 
 # -- aggregation on hand-made trajectories ---------------------------------------------------------
 def make_traj(
-    ep: PolicyEpisode,
+    ep: ExpertEpisode,
     messages: list[dict[str, Any]],
     sample: int,
     *,
@@ -71,7 +64,8 @@ def make_traj(
     tool_errors: int = 0,
     failed: bool = False,
 ) -> Trajectory:
-    """A Trajectory as the engine would return it, without tokens (the metrics do not read them)."""
+    """A Trajectory as the engine would return it (reward and strict score applied once), without
+    tokens (the metrics do not read them)."""
     n_turns = sum(m["role"] == "assistant" for m in messages)
     turns = [TurnSpan(0, 0, "stop") for _ in range(n_turns)]
     if turns:
@@ -90,16 +84,17 @@ def make_traj(
         failed=failed,
         reward=result.reward,
         metrics=result.metrics,
+        strict=strict_score(messages, ep.case.ground_truth) if messages else None,
         group_id=ep.case.case_id,
         sample_index=sample,
     )
 
 
 @pytest.fixture(scope="module")
-def hand_made() -> tuple[list[Trajectory], list[PolicyEpisode]]:
+def hand_made() -> tuple[list[Trajectory], list[ExpertEpisode]]:
     """2 cases x 2 samples: A = (reference, truncated without answer), B = (1 wrong field) x 2."""
-    task = get_task(TASK)
-    a, b = (task.run_policy(c) for c in task.cases("test")[:2])
+    task = load_task(TASK)
+    a, b = (task.run_expert(c) for c in task.cases("test")[:2])
     wrong = dict(parse_answer(b.messages) or {})
     wrong["mechanical_inspection_result"] = "WRONG"
     b_wrong = with_answer(b.messages, wrong)
@@ -115,9 +110,9 @@ def hand_made() -> tuple[list[Trajectory], list[PolicyEpisode]]:
     return trajs, [a, b]
 
 
-def test_summarize_hand_made(hand_made: tuple[list[Trajectory], list[PolicyEpisode]]) -> None:
+def test_summarize_hand_made(hand_made: tuple[list[Trajectory], list[ExpertEpisode]]) -> None:
     trajs, (a, b) = hand_made
-    s = summarize(trajs, get_task(TASK), success_threshold=1.0, n_samples=2)
+    s = summarize(trajs, load_task(TASK), success_threshold=1.0, n_samples=2)
     assert (s["n_cases"], s["n_samples"], s["n_trajectories"]) == (2, 2, 4)
     assert s["tsr"] == pytest.approx(0.25)
     assert s["pass_at_1"] == pytest.approx((0.5 + 0.0) / 2)
@@ -130,7 +125,7 @@ def test_summarize_hand_made(hand_made: tuple[list[Trajectory], list[PolicyEpiso
     assert s["completion_rate"] == pytest.approx(0.75)
     assert s["field_acc"] == pytest.approx((1.0 + 0.0 + 2 * six_of_seven) / 4)
     by_field = s["field_acc_by_field"]
-    assert list(by_field) == list(get_task(TASK).output_fields)
+    assert list(by_field) == list(load_task(TASK).output_fields)
     assert by_field["mechanical_inspection_result"] == pytest.approx(0.25)
     assert by_field["tail_number"] == pytest.approx(0.75)
     assert s["truncated_frac"] == pytest.approx(0.25)
@@ -149,11 +144,11 @@ def test_summarize_hand_made(hand_made: tuple[list[Trajectory], list[PolicyEpiso
 
 
 def test_summarize_strict_vs_reward_pass_at_k(
-    hand_made: tuple[list[Trajectory], list[PolicyEpisode]],
+    hand_made: tuple[list[Trajectory], list[ExpertEpisode]],
 ) -> None:
     """pass@k succeeds on the strict score; a lenient threshold moves only the reward's pass@k."""
     trajs, _ = hand_made
-    s = summarize(trajs, get_task(TASK), success_threshold=0.8, n_samples=2)
+    s = summarize(trajs, load_task(TASK), success_threshold=0.8, n_samples=2)
     assert s["pass_at_1"] == pytest.approx(0.25)  # strict is 0/1: unchanged
     assert s["reward_pass_at_1"] == pytest.approx((0.5 + 1.0) / 2)  # B's 6/7 now count
     assert s["reward_over_strict_frac"] == pytest.approx(0.5)
@@ -163,28 +158,31 @@ def test_summarize_strict_vs_reward_pass_at_k(
     assert v["val/strict/pass_k_2"] == pytest.approx(0.5)
 
 
-def test_summarize_ignores_the_trajectorys_own_strict_field(
-    hand_made: tuple[list[Trajectory], list[PolicyEpisode]],
+def test_summarize_reads_the_scorer_not_the_rewards_metrics(
+    hand_made: tuple[list[Trajectory], list[ExpertEpisode]],
 ) -> None:
-    """The evaluation re-reads the messages: a lying ``strict``/``metrics`` changes nothing."""
+    """TSR is the scorer's verdict carried on the trajectory: a reward whose metrics claim a
+    strict success changes nothing; an episode that was never scored counts as 0."""
     trajs, _ = hand_made
     lying = [copy.deepcopy(t) for t in trajs]
     for t in lying:
-        t.strict, t.metrics = 1.0, {"completion": 1.0, "strict": 1.0}
-    assert summarize(lying, get_task(TASK), 1.0, 2)["tsr"] == pytest.approx(0.25)
+        t.metrics = {"completion": 1.0, "strict": 1.0}
+    assert summarize(lying, load_task(TASK), 1.0, 2)["tsr"] == pytest.approx(0.25)
+    lying[0].strict = None
+    assert summarize(lying, load_task(TASK), 1.0, 2)["tsr"] == 0.0
 
 
 def test_failed_and_unscored_trajectories(
-    hand_made: tuple[list[Trajectory], list[PolicyEpisode]],
+    hand_made: tuple[list[Trajectory], list[ExpertEpisode]],
 ) -> None:
     _, (a, _) = hand_made
     failed = make_traj(a, [], 0, done="error", failed=True)
     failed.reward = None
-    s = summarize([failed], get_task(TASK), 1.0, 1)
+    s = summarize([failed], load_task(TASK), 1.0, 1)
     assert (s["tsr"], s["failure_rate"], s["first_turn_tool_call_frac"]) == (0.0, 1.0, 0.0)
     assert s["reward_mean"] is None and s["reward_pass_at_1"] is None
     with pytest.raises(ValueError):
-        summarize([], get_task(TASK), 1.0, 1)
+        summarize([], load_task(TASK), 1.0, 1)
 
 
 def test_first_turn_tool_call_ok() -> None:
@@ -201,10 +199,10 @@ def test_first_turn_tool_call_ok() -> None:
 
 
 def test_report_round_trip_and_table(
-    hand_made: tuple[list[Trajectory], list[PolicyEpisode]], tmp_path: Path
+    hand_made: tuple[list[Trajectory], list[ExpertEpisode]], tmp_path: Path
 ) -> None:
     trajs, _ = hand_made
-    task = get_task(TASK)
+    task = load_task(TASK)
     base = summarize(trajs[1:2] + trajs[3:], task, 1.0, 1)
     tuned = summarize(trajs, task, 1.0, 2)
     report = EvalReport(
@@ -230,12 +228,12 @@ def test_report_round_trip_and_table(
 
 
 def test_tsr_by_outcome_splits_the_score_by_the_decision_field(
-    hand_made: tuple[list[Trajectory], list[PolicyEpisode]],
+    hand_made: tuple[list[Trajectory], list[ExpertEpisode]],
 ) -> None:
     """Only the reference sample (case A) succeeds: its outcome value has TSR 1/2 (A's two
     samples), B's value 0 — or, if A and B share a value, 1/4 over all four."""
     trajs, (a, b) = hand_made
-    s = summarize(trajs, get_task(TASK), 1.0, 2)
+    s = summarize(trajs, load_task(TASK), 1.0, 2)
     assert s["outcome_field"] == "aircraft_ready"
     value_a = normalize(a.case.ground_truth["aircraft_ready"])
     value_b = normalize(b.case.ground_truth["aircraft_ready"])
@@ -249,9 +247,9 @@ def test_tsr_by_outcome_splits_the_score_by_the_decision_field(
     ready = [copy.deepcopy(t) for t in trajs]
     for t, value in zip(ready, [True, True, True, False], strict=True):
         t.ground_truth = {**t.ground_truth, "aircraft_ready": value}
-    by = summarize(ready, get_task(TASK), 1.0, 2)["tsr_by_outcome"]
+    by = summarize(ready, load_task(TASK), 1.0, 2)["tsr_by_outcome"]
     assert list(by) == ["true", "false"] and by["true"]["trajectories"] == 3
-    assert summarize(trajs, get_task("customer_service"), 1.0, 2)["outcome_field"] == (
+    assert summarize(trajs, load_task("customer_service"), 1.0, 2)["outcome_field"] == (
         "final_resolution_status"
     )
 
@@ -261,7 +259,7 @@ def test_config_rejects_bad_values() -> None:
 
     for bad in ({"n_samples": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"max_turns": 0}):
         with pytest.raises(UserError):
-            EvalConfig(task=TASK, **bad)  # type: ignore[arg-type]
+            EvalConfig(**bad)  # type: ignore[arg-type]
 
 
 # -- the CLI on bad inputs -------------------------------------------------------------------------
@@ -293,10 +291,10 @@ def test_cli_missing_model_is_one_line_exit_2(tmp_path: Path) -> None:
     )
 
 
-# -- end to end: the engine on tiny random models, and on a scripted backend -----------------------
+# -- end to end: the engine on tiny random models, and on a scripted sampler -----------------------
 def suite_texts(n_cases: int = 6) -> list[str]:
     """A little of the task's own text (SOP, tool schemas, reference turns) for the tokenizer."""
-    task = get_task(TASK)
+    task = load_task(TASK)
     texts = [task.sop, *(json.dumps(s) for s in task.make_env().tool_schemas())]
     for ep in task.reference_episodes("train")[:n_cases]:
         texts += [m["content"] for m in ep.messages]
@@ -330,7 +328,7 @@ def save_tiny_qwen3(tok: Any, path: Path, seed: int) -> Path:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from mtrl_local.models import train_tokenizer
+    from sopbench.default_model.tokenizer import train_tokenizer
 
     return train_tokenizer(suite_texts(), vocab_size=400)
 
@@ -344,22 +342,20 @@ def tiny_models(tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> tup
 
 
 def test_evaluate_base_vs_tuned_end_to_end(tiny_models: tuple[Path, Path], tmp_path: Path) -> None:
-    from mtrl_local.evaluate import evaluate
-    from mtrl_local.rollouts import read_rollouts
+    from mtrl_local.rollout_files import read_rollout_file
 
     base, tuned = tiny_models
     config = EvalConfig(
-        task=TASK,
-        n_samples=2,
-        temperature=1.0,
-        sampling_max_tokens=8,
-        max_turns=2,
-        max_cases=4,
-        base_model=str(base),
-        device="cpu",
+        n_samples=2, temperature=1.0, sampling_max_tokens=8, max_turns=2, max_cases=4, device="cpu"
     )
     out = tmp_path / "out"
-    report = evaluate(str(tuned), config, out_dir=out)
+    report = evaluate(
+        [("base", base), ("tuned", tuned)],
+        load_task(TASK),
+        config,
+        reward_fn=dense_reward,
+        out_dir=out,
+    )
 
     assert [r.label for r in report.results] == ["base", "tuned"]
     assert report.result("tuned").model == str(tuned)
@@ -371,7 +367,7 @@ def test_evaluate_base_vs_tuned_end_to_end(tiny_models: tuple[Path, Path], tmp_p
         assert {"tsr", "pass_at_1", "pass_at_2", "reward_mean", "completion_rate"} <= set(s)
         assert s["turns_mean"] >= 1
         assert result.rollouts == str(out / name)
-        rows = read_rollouts(out / name)
+        rows = read_rollout_file(out / name)
         assert len(rows) == 8
         for row in rows:
             traj = Trajectory.from_json(row)
@@ -451,15 +447,14 @@ def test_scripted_reference_scores_one(tokenizer: Any) -> None:
     """The reference policy's turns replayed through the engine: TSR 1 and pass@k 1, except one
     sample made to give up, which moves TSR and pass@1 but not pass@2."""
     from mtrl_local.chat import encode_assistant
-    from mtrl_local.evaluate import Policy, evaluate
-    from mtrl_local.rollout.scripted import ScriptedBackend
+    from mtrl_local.rollout.scripted import ScriptedSampler
 
-    task = get_task(TASK)
+    task = load_task(TASK)
     cases = task.cases("test")[:4]
     turns = {
         c.case_id: [
             encode_assistant(tokenizer, m["content"])
-            for m in task.run_policy(c).messages
+            for m in task.run_expert(c).messages
             if m["role"] == "assistant"
         ]
         for c in cases
@@ -470,9 +465,10 @@ def test_scripted_reference_scores_one(tokenizer: Any) -> None:
     def script(key: str, turn: int, context: list[int]) -> list[int]:
         return give_up if key == loser else turns[key.split("#")[0]][turn]
 
-    backend = ScriptedBackend(script, tokenizer.eos_token_id)
-    config = EvalConfig(task=TASK, n_samples=2, temperature=1.0, max_cases=4)
-    report = evaluate(Policy(backend, tokenizer, "scripted"), config, label="reference")
+    sampler = ScriptedSampler(script, tokenizer.eos_token_id)
+    config = EvalConfig(n_samples=2, temperature=1.0, max_cases=4)
+    scripted = LoadedModel(sampler, tokenizer, "scripted")
+    report = evaluate([("reference", scripted)], task, config, reward_fn=dense_reward)
     s = report.result("reference").summary
     assert s["tsr"] == pytest.approx(7 / 8)
     assert s["pass_at_1"] == pytest.approx((0.5 + 1 + 1 + 1) / 4)
@@ -483,3 +479,11 @@ def test_scripted_reference_scores_one(tokenizer: Any) -> None:
     assert s["reward_mean"] == pytest.approx((7 * 1.0 - 0.1) / 8)
     assert s["done_reasons"] == {"final_answer": 7, "no_action": 1}
     assert all(v == pytest.approx(7 / 8) for v in s["field_acc_by_field"].values())
+    # The evaluation applies the scorer it is handed, once per episode: a scorer that credits
+    # nothing moves TSR and pass@k to 0 while the reward (the same episodes) is unchanged.
+    strict_report = evaluate(
+        [("reference", scripted)], task, config, reward_fn=dense_reward, scorer=lambda m, g: 0.0
+    )
+    none = strict_report.result("reference").summary
+    assert (none["tsr"], none["pass_at_2"]) == (0.0, 0.0)
+    assert none["reward_mean"] == pytest.approx(s["reward_mean"])

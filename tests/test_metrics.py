@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mtrl_local import metrics as M
-from mtrl_local.metrics import ALL_METRICS, rollout_metrics, zero_advantage_groups
+from mtrl_local.advantages import batch_advantages
+from mtrl_local.metrics import ALL_METRICS, rollout_metrics
 from mtrl_local.trajectory import FinishReason, Trajectory, TurnSpan
 
 
@@ -88,8 +89,13 @@ def batch() -> list[Trajectory]:
     ]
 
 
+def zero_groups(trajs: list[Trajectory], method: str = "group_based", **kw: object) -> set[str]:
+    """The estimator's verdict: the groups whose advantages are all zero."""
+    return batch_advantages(trajs, method, **kw).zero_group_ids
+
+
 def test_rollout_metrics_by_hand() -> None:
-    m = rollout_metrics(batch())
+    m = rollout_metrics(batch(), zero_groups(batch()))
     assert m[M.FAILURE_RATE] == pytest.approx(1 / 5)
     # over the 4 non-failed: rewards 1, 0, 0.5, 0.5
     assert m[M.REWARD_MEAN] == pytest.approx(0.5)
@@ -118,20 +124,26 @@ def test_estimator_groups_override_and_valid_mean() -> None:
         traj("h", 0.0, index=0),
         traj("h", 0.2, index=1),
     ]
-    m = rollout_metrics(sat)
+    m = rollout_metrics(sat, zero_groups(sat))
     assert m[M.REWARD_VALID_MEAN] == pytest.approx(0.1)
     assert m[M.REWARD_VALID_MEAN] < m[M.REWARD_MEAN]
 
 
 def test_edge_cases_absent_not_zero() -> None:
-    assert rollout_metrics([]) == {}
-    only_failed = rollout_metrics([traj("a", None, [], failed=True)])
+    assert rollout_metrics([], set()) == {}
+    only_failed = rollout_metrics([traj("a", None, [], failed=True)], set())
     assert only_failed == {M.FAILURE_RATE: 1.0}
-    unscored = rollout_metrics([traj("a", None)])
+    unscored = rollout_metrics([traj("a", None)], set())
     assert M.REWARD_MEAN not in unscored and M.TOOL_ERRORS_FRAC not in unscored
     assert unscored[M.COMPLETION_RATE] == 1.0
 
 
-def test_zero_advantage_groups_tolerance() -> None:
-    ts = [traj("a", 1.0), traj("a", 1.0 + 1e-12, index=1), traj("b", 0.0), traj("b", 1.0, index=1)]
-    assert zero_advantage_groups(ts) == {"a"}
+def test_zero_groups_are_the_estimators_verdict() -> None:
+    """Group b (rewards 0 and 1) carries gradient under group_based; under grpo_passk with
+    threshold 0.5 both groups are all-success or mixed as the estimator sees them."""
+    ts = [traj("a", 1.0), traj("a", 1.0, index=1), traj("b", 0.0), traj("b", 1.0, index=1)]
+    assert zero_groups(ts) == {"a"}
+    # Every sample of b at or above a threshold of 0.0 succeeds: no pass@k signal left in b.
+    passk = zero_groups(ts, "grpo_passk", k=1, success_threshold=0.0)
+    assert passk == {"a", "b"}
+    assert rollout_metrics(ts, passk)[M.ZERO_ADV_GROUPS] == 1.0

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from mtrl_local.rollouts import write_rollouts
+from mtrl_local.rollout_files import write_rollout_file
+from mtrl_local.scoring import RewardResult
 from rewards import audit
 from rewards.dense import dense_reward, dense_reward_per_turn
 from rewards.examples import (
@@ -25,7 +26,6 @@ from rewards.examples import (
     lenient_reward,
     substring_match,
 )
-from rewards.types import RewardResult
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = {"result": "pass", "electrical": "fail", "ready": False, "code": "C-12"}
@@ -206,9 +206,9 @@ def test_builtin_audit_passes_the_dense_reward():
 
 
 def test_builtin_audit_fails_the_lenient_reward_and_names_the_offenders():
-    from sopbench.registry import get_task
+    from mtrl_local.plugins import load_task
 
-    task = get_task("aircraft_inspection")
+    task = load_task("aircraft_inspection")
     rows = [{**e.to_rollout(), "_line": i} for i, e in enumerate(task.noisy_episodes("val"), 1)]
     expected = audit.check_rollouts(lenient_reward, rows)
     assert not expected.ok  # the noisy expert's wrong tags are enough to catch it
@@ -224,11 +224,11 @@ def test_builtin_audit_fails_the_lenient_reward_and_names_the_offenders():
 
 
 def test_builtin_audit_reads_a_rollouts_file(tmp_path):
-    from sopbench.registry import get_task
+    from mtrl_local.plugins import load_task
 
-    task = get_task("aircraft_inspection")
+    task = load_task("aircraft_inspection")
     path = tmp_path / "rollouts.jsonl"
-    write_rollouts(path, [e.to_rollout() for e in task.reference_episodes("val")[:10]])
+    write_rollout_file(path, [e.to_rollout() for e in task.reference_episodes("val")[:10]])
     assert run_audit("--audit-rollouts", str(path)).returncode == 0
 
 

@@ -1,4 +1,5 @@
-"""The strict scorer (DESIGN.md §4, exactly), the dense reward and per-turn rewards."""
+"""The strict scorer (docs/design.md, "Rewards and the strict scorer", exactly), the dense reward
+and per-turn rewards."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from mtrl_local.env.actions import extract_final_response, parse_answer
+from mtrl_local.scoring import normalize, scalar, strict_score
 from rewards.dense import (
     dense_reward,
     dense_reward_per_turn,
@@ -16,9 +19,6 @@ from rewards.dense import (
     per_turn_rewards,
     strict_reward,
 )
-from rewards.parsing import extract_final_response, parse_answer
-from rewards.strict import normalize, strict_score
-from rewards.types import scalar
 
 TRUTH = {"result": "pass", "ready": True, "count": 3}
 

@@ -1,7 +1,7 @@
-"""The rollout engine and its backends, on CPU with a suite-trained tokenizer and a tiny Qwen3.
+"""The rollout engine and its samplers, on CPU with a suite-trained tokenizer and a tiny Qwen3.
 
-Scripted backends test the engine's bookkeeping (batching, finish reasons, malformed output,
-teardown) and prove token-in/token-out; the transformers backend is tested for KV reuse,
+Scripted samplers test the engine's bookkeeping (batching, finish reasons, malformed output,
+teardown) and prove token-in/token-out; the transformers sampler is tested for KV reuse,
 determinism and the logprobs it records.
 """
 
@@ -21,22 +21,25 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mtrl_local.chat import FINAL_OPEN, TOOL_CALL_OPEN, encode_assistant
+from mtrl_local.chat import encode_assistant
 from mtrl_local.env import Environment, render_final_response, render_tool_call
-from mtrl_local.models import train_tokenizer
+from mtrl_local.env.actions import FINAL_OPEN, TOOL_CALL_OPEN
+from mtrl_local.metrics import FAILURE_RATE, TRUNCATED_FRAC, TURNS_MAX_TURNS_FRAC, rollout_metrics
+from mtrl_local.plugins import load_task
 from mtrl_local.rollout import (
     RolloutEngine,
     SamplingParams,
-    ScriptedBackend,
-    TransformersBackend,
+    ScriptedSampler,
+    TransformersSampler,
     episode_key,
-    summarize,
 )
+from mtrl_local.scoring import strict_score
 from mtrl_local.trajectory import Trajectory
 from rewards import dense_reward
-from sopbench import Case, get_task
+from sopbench import Case
+from sopbench.default_model.tokenizer import train_tokenizer
 
-TASK = get_task("aircraft_inspection")
+TASK = load_task("aircraft_inspection")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +54,7 @@ def one_thread() -> Iterator[None]:
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerBase:
     cases = TASK.cases("train")[:12]
-    episodes = [TASK.run_policy(c) for c in cases]
+    episodes = [TASK.run_expert(c) for c in cases]
     texts = [TASK.sop, *(json.dumps(s) for s in episodes[0].tools)]
     texts += [m["content"] for e in episodes for m in e.messages]
     return train_tokenizer(texts, vocab_size=600)
@@ -118,7 +121,7 @@ def reference_script(tok: PreTrainedTokenizerBase, cases: list[Case]) -> dict[st
     script = {}
     for case in cases:
         turns = []
-        for m in TASK.run_policy(case).messages:
+        for m in TASK.run_expert(case).messages:
             if m["role"] == "assistant":
                 text = m["content"]
                 canonical = encode_assistant(tok, text)
@@ -152,10 +155,14 @@ def test_reference_turns_are_kept_token_for_token(
     tok: PreTrainedTokenizerBase, cases: list[Case]
 ) -> None:
     script = reference_script(tok, cases)
-    backend = ScriptedBackend(script, eos(tok))
+    sampler = ScriptedSampler(script, eos(tok))
     trajs = checked(
-        RolloutEngine(backend, tok, progress=False).run(
-            TASK, cases, sampling=SamplingParams(max_tokens=200), reward_fn=dense_reward
+        RolloutEngine(sampler, tok, progress=False).run(
+            TASK,
+            cases,
+            sampling=SamplingParams(max_tokens=200),
+            reward_fn=dense_reward,
+            scorer=strict_score,
         )
     )
     odd = 0
@@ -171,7 +178,7 @@ def test_reference_turns_are_kept_token_for_token(
         assert traj.behaviour_logprobs[traj.turns[0].start] == -1.0
         assert traj.behaviour_logprobs[: traj.prompt_len] == [0.0] * traj.prompt_len
     assert odd == sum(len(t) for t in script.values())  # every turn is a non-canonical encoding
-    assert sorted(backend.released) == sorted(script)
+    assert sorted(sampler.released) == sorted(script)
 
 
 def test_all_active_episodes_share_one_generate_call(
@@ -184,15 +191,15 @@ def test_all_active_episodes_share_one_generate_call(
         case_index = [c.case_id for c in cases].index(key.split("#")[0])
         return answer if turn >= case_index else call  # case i answers at turn i
 
-    backend = ScriptedBackend(script, eos(tok))
-    engine = RolloutEngine(backend, tok, progress=False)
+    sampler = ScriptedSampler(script, eos(tok))
+    engine = RolloutEngine(sampler, tok, progress=False)
     trajs = checked(engine.run(TASK, cases, n_samples=2, sampling=SamplingParams(max_tokens=64)))
     assert [t.n_turns for t in trajs] == [1, 1, 2, 2, 3, 3, 4, 4]
-    assert [len(keys) for keys in backend.calls] == [8, 6, 4, 2]
+    assert [len(keys) for keys in sampler.calls] == [8, 6, 4, 2]
     assert engine.stats.generate_calls == 4 and engine.stats.episodes == 8
     assert [t.sample_index for t in trajs] == [0, 1] * 4
 
-    small = ScriptedBackend(script, eos(tok))
+    small = ScriptedSampler(script, eos(tok))
     RolloutEngine(small, tok, max_batch=3, progress=False).run(
         TASK, cases, n_samples=2, sampling=SamplingParams(max_tokens=64)
     )
@@ -209,7 +216,7 @@ def test_finish_reasons_max_turns_and_truncation(
         episode_key(cases[1].case_id, 0): [call, long_text],  # no eos within budget: no_action
     }
     trajs = checked(
-        RolloutEngine(ScriptedBackend(script, eos(tok)), tok, progress=False).run(
+        RolloutEngine(ScriptedSampler(script, eos(tok)), tok, progress=False).run(
             TASK, cases[:2], sampling=SamplingParams(max_tokens=32), max_turns=3
         )
     )
@@ -219,9 +226,9 @@ def test_finish_reasons_max_turns_and_truncation(
     assert cut.done_reason == "no_action" and cut.truncated
     assert [s.finish_reason for s in cut.turns] == ["stop", "length"]
     assert cut.turns[-1].n_tokens == 32 and cut.counters["truncated_turns"] == 1
-    metrics = summarize(trajs)
-    assert metrics["rollout/truncated_frac"] == 0.5
-    assert metrics["rollout/turns/max_turns_frac"] == 0.5
+    metrics = rollout_metrics(trajs, set())
+    assert metrics[TRUNCATED_FRAC] == 0.5
+    assert metrics[TURNS_MAX_TURNS_FRAC] == 0.5
 
 
 def test_malformed_output_is_answered_and_counted(
@@ -233,8 +240,8 @@ def test_malformed_output_is_answered_and_counted(
     unterminated = ids(tok, '<tool_call>{"name": "lookup_aircraft", ' + '"x" ' * 40, end=False)
     after_final = ids(tok, render_final_response({"aircraft_ready": True}) + " Anything else?")
     script = {episode_key(cases[0].case_id, 0): [broken, unknown, unterminated, after_final]}
-    backend = ScriptedBackend(script, eos(tok))
-    engine = RolloutEngine(backend, tok, progress=False)
+    sampler = ScriptedSampler(script, eos(tok))
+    engine = RolloutEngine(sampler, tok, progress=False)
     (traj,) = checked(engine.run(TASK, cases[:1], sampling=SamplingParams(max_tokens=48)))
     assert [s.tool_errors for s in traj.turns] == [1, 1, 1, 0]
     assert [s.finish_reason for s in traj.turns] == ["stop", "stop", "length", "stop"]
@@ -259,12 +266,12 @@ def test_context_window_ends_the_episode_with_length(
 ) -> None:
     call = ids(tok, render_tool_call("lookup_aircraft", {"aircraft_id": "AC-1"}))
     script = {episode_key(cases[0].case_id, 0): [call] * 10}
-    probe = RolloutEngine(ScriptedBackend(script, eos(tok)), tok, progress=False)
+    probe = RolloutEngine(ScriptedSampler(script, eos(tok)), tok, progress=False)
     prompt_len = probe.run(TASK, cases[:1], sampling=SamplingParams(), max_turns=1)[0].prompt_len
     limit = prompt_len + 3 * len(call)
-    backend = ScriptedBackend(script, eos(tok), max_context_len=limit)
+    sampler = ScriptedSampler(script, eos(tok), max_context_len=limit)
     (traj,) = checked(
-        RolloutEngine(backend, tok, progress=False).run(
+        RolloutEngine(sampler, tok, progress=False).run(
             TASK, cases[:1], sampling=SamplingParams(max_tokens=64)
         )
     )
@@ -306,12 +313,12 @@ def open_envs(task: SpyTask) -> int:
 
 def test_teardown_when_generation_raises(tok: PreTrainedTokenizerBase, cases: list[Case]) -> None:
     call = ids(tok, render_tool_call("lookup_aircraft", {"aircraft_id": "AC-1"}))
-    backend = ScriptedBackend(lambda *_: call, eos(tok), fail_on_call=1)
+    sampler = ScriptedSampler(lambda *_: call, eos(tok), fail_on_call=1)
     task = SpyTask()
     with pytest.raises(RuntimeError, match="scripted generation failure"):
-        RolloutEngine(backend, tok, progress=False).run(task, cases, sampling=SamplingParams())
+        RolloutEngine(sampler, tok, progress=False).run(task, cases, sampling=SamplingParams())
     assert len(task.envs) == len(cases) and open_envs(task) == 0
-    assert sorted(backend.released) == sorted(episode_key(c.case_id, 0) for c in cases)
+    assert sorted(sampler.released) == sorted(episode_key(c.case_id, 0) for c in cases)
 
 
 def test_environment_failures_mark_episodes_failed(
@@ -319,18 +326,18 @@ def test_environment_failures_mark_episodes_failed(
 ) -> None:
     call = ids(tok, render_tool_call("lookup_aircraft", {"aircraft_id": "AC-1"}))
     answer = ids(tok, render_final_response({"aircraft_ready": False}))
-    backend = ScriptedBackend(lambda k, turn, c: call if turn == 0 else answer, eos(tok))
+    sampler = ScriptedSampler(lambda k, turn, c: call if turn == 0 else answer, eos(tok))
     task = SpyTask(fail_reset=1, fail_step=2)
-    engine = RolloutEngine(backend, tok, progress=False)
+    engine = RolloutEngine(sampler, tok, progress=False)
     trajs = checked(engine.run(task, cases, sampling=SamplingParams(), reward_fn=dense_reward))
     assert [t.failed for t in trajs] == [False, True, True, False]
     assert trajs[1].input_ids == [] and trajs[1].done_reason == "error"
     assert trajs[2].turns[0].finish_reason == "error" and trajs[2].done_reason == "error"
     assert engine.stats.failed == 2 and open_envs(task) == 0
-    assert summarize(trajs)["rollout/failure_rate"] == 0.5
+    assert rollout_metrics(trajs, set())[FAILURE_RATE] == 0.5
 
 
-# -- the transformers backend -------------------------------------------------------------------
+# -- the transformers sampler -------------------------------------------------------------------
 def multi_turn_run(
     tok: PreTrainedTokenizerBase,
     cases: list[Case],
@@ -341,22 +348,22 @@ def multi_turn_run(
     temperature: float = 0.0,
     seed: int = 0,
     arch: str = "qwen3",
-) -> tuple[list[Trajectory], TransformersBackend]:
+) -> tuple[list[Trajectory], TransformersSampler]:
     model = tiny_model(tok, arch=arch)
     force_tool_call_after_newline(model, tok)
-    backend = TransformersBackend(
+    sampler = TransformersSampler(
         model, tok, kv_reuse=kv_reuse, max_batch=max_batch, share_prompt=share_prompt
     )
-    engine = RolloutEngine(backend, tok, max_batch=max_batch, progress=False)
+    engine = RolloutEngine(sampler, tok, max_batch=max_batch, progress=False)
     params = SamplingParams(temperature=temperature, max_tokens=6, seed=seed)
-    return checked(engine.run(TASK, cases, sampling=params, max_turns=3)), backend
+    return checked(engine.run(TASK, cases, sampling=params, max_turns=3)), sampler
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_kv_reuse_gives_the_same_greedy_tokens_as_re_prefill(
     tok: PreTrainedTokenizerBase, cases: list[Case], arch: str
 ) -> None:
-    reused, backend = multi_turn_run(tok, cases, kv_reuse=True, arch=arch)
+    reused, sampler = multi_turn_run(tok, cases, kv_reuse=True, arch=arch)
     fresh, _ = multi_turn_run(tok, cases, kv_reuse=False, arch=arch)
     assert all(t.n_turns == 3 and t.done_reason == "max_turns" for t in reused)
     assert [t.input_ids for t in reused] == [t.input_ids for t in fresh]
@@ -364,12 +371,12 @@ def test_kv_reuse_gives_the_same_greedy_tokens_as_re_prefill(
     assert [x for t in reused for x in t.behaviour_logprobs] == pytest.approx(flat)
     # Turns 2 and 3 prefilled only the appended ids: most of the context was reused. The prompt
     # common to all episodes was prefilled once, not once per episode.
-    shared = backend.stats["shared_prefix_tokens"]
+    shared = sampler.stats["shared_prefix_tokens"]
     assert shared > 0.5 * min(t.prompt_len for t in reused)
     first_turns = sum(t.prompt_len for t in reused) - (len(reused) - 1) * shared
-    appended = backend.stats["prefill_tokens"] - first_turns
-    assert 0 < appended < 0.05 * backend.stats["reused_tokens"]
-    assert backend.cached_episodes == 0  # released at the end
+    appended = sampler.stats["prefill_tokens"] - first_turns
+    assert 0 < appended < 0.05 * sampler.stats["reused_tokens"]
+    assert sampler.cached_episodes == 0  # released at the end
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
@@ -379,7 +386,7 @@ def test_shared_prompt_attention_equals_per_row_attention(
 ) -> None:
     """The prompt run once and attended to by every row (split attention, merged by log-sum-exp)
     gives the tokens and logprobs of every row holding its own copy (grouped-query heads too)."""
-    shared, backend = multi_turn_run(tok, cases, arch=arch, temperature=temperature, seed=3)
+    shared, sampler = multi_turn_run(tok, cases, arch=arch, temperature=temperature, seed=3)
     own, plain = multi_turn_run(
         tok, cases, arch=arch, temperature=temperature, seed=3, share_prompt=False
     )
@@ -387,11 +394,11 @@ def test_shared_prompt_attention_equals_per_row_attention(
     flat = [x for t in own for x in t.behaviour_logprobs]
     assert [x for t in shared for x in t.behaviour_logprobs] == pytest.approx(flat, abs=1e-9)
     prompt = min(t.prompt_len for t in shared)
-    assert backend.stats["shared_prefix_tokens"] > 0.5 * prompt
+    assert sampler.stats["shared_prefix_tokens"] > 0.5 * prompt
     assert plain.stats["shared_prefix_tokens"] == 0
-    saved = (len(shared) - 1) * backend.stats["shared_prefix_tokens"]
-    assert plain.stats["prefill_tokens"] - backend.stats["prefill_tokens"] == saved
-    assert backend.model.config._attn_implementation == "sdpa"  # restored after each call
+    saved = (len(shared) - 1) * sampler.stats["shared_prefix_tokens"]
+    assert plain.stats["prefill_tokens"] - sampler.stats["prefill_tokens"] == saved
+    assert sampler.model.config._attn_implementation == "sdpa"  # restored after each call
 
 
 def test_a_new_prompt_replaces_the_shared_prefix_and_stale_entries_re_prefill(
@@ -399,7 +406,7 @@ def test_a_new_prompt_replaces_the_shared_prefix_and_stale_entries_re_prefill(
 ) -> None:
     """Turn 2 of the same episodes reuses the shared prefix; a call whose contexts do not start
     with it builds a new one, and an episode cached under the old one is re-prefilled (same
-    tokens as a backend that never shared)."""
+    tokens as a sampler that never shared)."""
     from mtrl_local.rollout import GenerationRequest
 
     model = tiny_model(tok)
@@ -409,19 +416,19 @@ def test_a_new_prompt_replaces_the_shared_prefix_and_stale_entries_re_prefill(
     tails = [torch.randint(10, len(tok), (n,), generator=gen).tolist() for n in (5, 9, 3)]
     params = SamplingParams(temperature=0.0, max_tokens=4)
 
-    def run(backend: TransformersBackend) -> list[list[int]]:
+    def run(sampler: TransformersSampler) -> list[list[int]]:
         out = []
         ctx = {f"e{i}": head + t for i, t in enumerate(tails)}
         ctx["x0"], ctx["x1"] = other + tails[0], other + tails[1]
         for keys in (["e0", "e1", "e2"], ["e0", "e1", "e2"], ["x0", "x1"], ["e0", "e2"]):
-            results = backend.generate([GenerationRequest(k, ctx[k]) for k in keys], params)
+            results = sampler.generate([GenerationRequest(k, ctx[k]) for k in keys], params)
             for k, r in zip(keys, results, strict=True):
                 out.append(r.token_ids)
                 ctx[k] = ctx[k] + r.token_ids + [11, 12]
         return out
 
-    sharing = TransformersBackend(model, tok)
-    assert run(sharing) == run(TransformersBackend(model, tok, share_prompt=False))
+    sharing = TransformersSampler(model, tok)
+    assert run(sharing) == run(TransformersSampler(model, tok, share_prompt=False))
     # Built for e*, rebuilt for x*, rebuilt for e* (e0 and e2 re-prefilled their own ids).
     assert sharing.stats["shared_prefix_tokens"] == 40 * 3
 
@@ -440,10 +447,10 @@ def test_recorded_logprobs_are_the_raw_policy_logprobs(
     tok: PreTrainedTokenizerBase, cases: list[Case]
 ) -> None:
     model = tiny_model(tok)
-    backend = TransformersBackend(model, tok)
+    sampler = TransformersSampler(model, tok)
     params = SamplingParams(temperature=0.7, top_p=0.9, max_tokens=8, seed=1)
     trajs = checked(
-        RolloutEngine(backend, tok, progress=False).run(TASK, cases[:2], sampling=params)
+        RolloutEngine(sampler, tok, progress=False).run(TASK, cases[:2], sampling=params)
     )
     for traj in trajs:
         with torch.no_grad():
@@ -465,20 +472,20 @@ def test_rows_finishing_early_are_compacted_and_reused(tok: PreTrainedTokenizerB
     contexts = [torch.randint(10, len(tok), (n,), generator=gen).tolist() for n in (9, 30, 17)] * 2
     params = SamplingParams(temperature=0.0, max_tokens=8)
 
-    def two_turns(backend: TransformersBackend) -> list[list[int]]:
+    def two_turns(sampler: TransformersSampler) -> list[list[int]]:
         out = []
         ctx = contexts
         for turn in range(2):
             requests = [GenerationRequest(f"e{i}", c, budgets[i]) for i, c in enumerate(ctx)]
-            results = backend.generate(requests, params)
+            results = sampler.generate(requests, params)
             out += [r.token_ids for r in results]
             glue = [[11, 12, 13][: i % 3 + 1] for i in range(len(ctx))]
             ctx = [c + r.token_ids + g for c, r, g in zip(ctx, results, glue, strict=True)]
             del turn
         return out
 
-    reused = TransformersBackend(model, tok, kv_reuse=True)
-    assert two_turns(reused) == two_turns(TransformersBackend(model, tok, kv_reuse=False))
+    reused = TransformersSampler(model, tok, kv_reuse=True)
+    assert two_turns(reused) == two_turns(TransformersSampler(model, tok, kv_reuse=False))
     assert reused.stats["reused_tokens"] > 0 and reused.cached_episodes == 6
     assert reused.stats["compactions"] == 2  # one per turn: 3 of 6 rows done after step 3
     reused.release("e0")

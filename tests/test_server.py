@@ -18,19 +18,21 @@ import torch
 
 from mtrl_local.chat import encode_assistant, encode_continuation, encode_prompt
 from mtrl_local.config import load_config
-from mtrl_local.models.default import load_model
-from mtrl_local.rollout.backend import (
-    GenerationBackend,
+from mtrl_local.model_io import load_model
+from mtrl_local.plugins import resolve_agent
+from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
+    Sampler,
     SamplingParams,
 )
+from mtrl_local.rollout.transformers_sampler import TransformersSampler
 from mtrl_local.server import EPISODE_HEADER, RolloutServer
 from mtrl_local.server.episodes import EpisodeRecord
 from mtrl_local.server.source import agent_source_factory
-from mtrl_local.train.rollouts import RolloutBatch
+from mtrl_local.train.batch_source import StepBatch
 from mtrl_local.train.trainer import Trainer
-from tests.trainer_fixtures import build_tiny_model
+from tests.trainer_fixtures import build_tiny_model, make_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token"
@@ -58,7 +60,7 @@ def tokenizer(tiny_model: Path) -> Any:
     return load_model(str(tiny_model))[1]
 
 
-class TextBackend:
+class TextSampler:
     """Answers every row with the next of ``texts`` (cycling); records each call's rows."""
 
     def __init__(self, tokenizer: Any, texts: Sequence[str]) -> None:
@@ -92,9 +94,9 @@ class TextBackend:
         self.policy_version = version
 
 
-def serve(backend: Any, tokenizer: Any, **kwargs: Any) -> RolloutServer:
+def serve(sampler: Any, tokenizer: Any, **kwargs: Any) -> RolloutServer:
     kwargs.setdefault("sampling", SamplingParams(max_tokens=64))
-    return RolloutServer(backend, tokenizer, token=TOKEN, **kwargs).start()
+    return RolloutServer(sampler, tokenizer, token=TOKEN, **kwargs).start()
 
 
 def client(server: RolloutServer, episode: str | None = None) -> openai.OpenAI:
@@ -110,8 +112,8 @@ def opening() -> list[dict[str, Any]]:
 
 
 def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
-    backend = TextBackend(tokenizer, [CALL, FINAL])
-    with serve(backend, tokenizer) as server:
+    sampler = TextSampler(tokenizer, [CALL, FINAL])
+    with serve(sampler, tokenizer) as server:
         server.registry.assign(EpisodeRecord("ep1", task="t", case_id="c", group_id="g"))
         api = client(server, "ep1")
         messages = opening()
@@ -136,13 +138,13 @@ def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
         assert r.status_code == 200 and r.json()["state"] == "finished"
         traj = server.registry.trajectory("ep1")
     traj.check()
-    turn0, turn1 = backend.results["ep1"]
+    turn0, turn1 = sampler.results["ep1"]
     prompt = encode_prompt(tokenizer, opening(), TOOLS)
     glue = encode_continuation(tokenizer, [{"role": "tool", "content": tool["content"]}])
     assert traj.input_ids == prompt + turn0 + glue + turn1
     assert [traj.input_ids[s.start : s.end] for s in traj.turns] == [turn0, turn1]
     # The second request's context is exactly the first's plus what was sampled and the glue.
-    assert list(backend.calls[1][0].context_ids) == prompt + turn0 + glue
+    assert list(sampler.calls[1][0].context_ids) == prompt + turn0 + glue
     assert traj.loss_mask.count(1) == len(turn0) + len(turn1)
     assert traj.reward == [0.0, 1.0] and traj.metrics == {"field_acc": 1.0}
     assert not traj.failed and traj.done_reason == "final_answer"
@@ -150,8 +152,8 @@ def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
 
 
 def test_rewritten_history_is_detected_and_not_trained(tokenizer: Any) -> None:
-    backend = TextBackend(tokenizer, [CALL])
-    with serve(backend, tokenizer) as server:
+    sampler = TextSampler(tokenizer, [CALL])
+    with serve(sampler, tokenizer) as server:
         server.registry.assign(EpisodeRecord("ep", group_id="g"))
         api = client(server, "ep")
         messages = opening()
@@ -169,8 +171,8 @@ def test_rewritten_history_is_detected_and_not_trained(tokenizer: Any) -> None:
 
 
 def test_retry_rolls_back_and_other_choice_is_recorded(tokenizer: Any) -> None:
-    backend = TextBackend(tokenizer, ["first answer", "second answer", "third answer"])
-    with serve(backend, tokenizer) as server:
+    sampler = TextSampler(tokenizer, ["first answer", "second answer", "third answer"])
+    with serve(sampler, tokenizer) as server:
         server.registry.assign(EpisodeRecord("ep", group_id="g"))
         api = client(server, "ep")
         messages = opening()
@@ -190,12 +192,12 @@ def test_retry_rolls_back_and_other_choice_is_recorded(tokenizer: Any) -> None:
     traj.check()
     assert traj.counters["other_choice"] == 1
     span = traj.turns[0]
-    assert traj.input_ids[span.start : span.end] == backend.results["ep~1"][-1]
+    assert traj.input_ids[span.start : span.end] == sampler.results["ep~1"][-1]
     assert traj.messages[2]["content"] == picked.content
 
 
 def test_auth_and_malformed_bodies(tokenizer: Any) -> None:
-    with serve(TextBackend(tokenizer, [FINAL]), tokenizer) as server:
+    with serve(TextSampler(tokenizer, [FINAL]), tokenizer) as server:
         server.registry.assign(EpisodeRecord("ep", group_id="g"))
         url, auth = server.url, {"Authorization": f"Bearer {TOKEN}"}
         body = {"messages": opening()}
@@ -231,8 +233,8 @@ def test_auth_and_malformed_bodies(tokenizer: Any) -> None:
 
 
 def test_concurrent_episodes_share_one_generate_call(tokenizer: Any) -> None:
-    backend = TextBackend(tokenizer, [FINAL])
-    with serve(backend, tokenizer, batch_window_s=0.2) as server:
+    sampler = TextSampler(tokenizer, [FINAL])
+    with serve(sampler, tokenizer, batch_window_s=0.2) as server:
         ids = [f"ep{i}" for i in range(6)]
         for i in ids:
             server.registry.assign(EpisodeRecord(i, group_id="g"))
@@ -247,14 +249,14 @@ def test_concurrent_episodes_share_one_generate_call(tokenizer: Any) -> None:
             t.start()
         for t in threads:
             t.join()
-    assert sum(len(c) for c in backend.calls) == 6
-    assert max(len(c) for c in backend.calls) >= 3, [len(c) for c in backend.calls]
+    assert sum(len(c) for c in sampler.calls) == 6
+    assert max(len(c) for c in sampler.calls) >= 3, [len(c) for c in sampler.calls]
 
 
-class RecordingBackend:
+class RecordingSampler:
     """Wraps the real sampler and keeps every (context, sampled ids) per episode key."""
 
-    def __init__(self, inner: GenerationBackend) -> None:
+    def __init__(self, inner: Sampler) -> None:
         self.inner = inner
         self.eos_token_id = inner.eos_token_id
         self.max_context_len = inner.max_context_len
@@ -285,11 +287,11 @@ class RecordingBackend:
 
 
 def agent_trainer(model: Path, out: Path, agent: str, batch: int = 8, **source: Any) -> Trainer:
-    from mtrl_local.rollout.transformers_backend import TransformersBackend
-
+    """A trainer on ``agent`` (a command line or ``module:function``, resolved as the CLI does)."""
     cfg = load_config(
         None,
         {
+            "task": "aircraft_inspection",
             "model": str(model),
             "output_dir": str(out),
             "run_name": "agent",
@@ -303,23 +305,24 @@ def agent_trainer(model: Path, out: Path, agent: str, batch: int = 8, **source: 
             "learning_rate": 1e-2,
         },
     )
-    holder: dict[str, RecordingBackend] = {}
+    holder: dict[str, RecordingSampler] = {}
 
     def factory(trainer: Trainer) -> Any:
-        inner = TransformersBackend(trainer.model, trainer.tokenizer, device=trainer.device)  # type: ignore[arg-type]
-        holder["backend"] = RecordingBackend(inner)
-        return agent_source_factory(agent, backend=holder["backend"], **source)(trainer)
+        inner = TransformersSampler(trainer.model, trainer.tokenizer, device=trainer.device)  # type: ignore[arg-type]
+        holder["sampler"] = RecordingSampler(inner)
+        factory = agent_source_factory(resolve_agent(agent), sampler=holder["sampler"], **source)
+        return factory(trainer)
 
-    trainer = Trainer(cfg, progress=False, source_factory=factory)
-    trainer.recording = holder["backend"]  # type: ignore[attr-defined]
+    trainer = make_trainer(cfg, progress=False, source_factory=factory)
+    trainer.recording = holder["sampler"]  # type: ignore[attr-defined]
     return trainer
 
 
-def capture_batches(trainer: Trainer) -> list[RolloutBatch]:
-    batches: list[RolloutBatch] = []
+def capture_batches(trainer: Trainer) -> list[StepBatch]:
+    batches: list[StepBatch] = []
     original = trainer.source.next_batch
 
-    def next_batch(step: int) -> RolloutBatch:
+    def next_batch(step: int) -> StepBatch:
         batch = original(step)
         batches.append(batch)
         return batch
@@ -346,7 +349,7 @@ def test_example_agent_trains_end_to_end(tiny_model: Path, tmp_path: Path) -> No
         assert r.reward == pytest.approx(-0.1 - 0.01 * r.metrics["chars"] / 1000)
         assert r.messages and r.messages[0]["role"] == "system"
         assert r.messages[-1]["role"] == "assistant"
-    recording: RecordingBackend = trainer.recording  # type: ignore[attr-defined]
+    recording: RecordingSampler = trainer.recording  # type: ignore[attr-defined]
     for batch in batches:
         for traj in batch.trajectories:
             traj.check()

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from mtrl_local.errors import UserError
+from mtrl_local.run_dir import STORE_FILENAME
 from mtrl_local.store import RunStore
-from mtrl_local.store_schema import SCHEMA_VERSION, STORE_FILENAME
+from mtrl_local.store_schema import SCHEMA_VERSION
 from mtrl_local.trajectory import Trajectory, TurnSpan
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ import pytest
 
 from mtrl_local.env import SandboxEnvironment, SQLiteEnvironment
 from mtrl_local.errors import UserError
-from sopbench import get_task, task_names
+from mtrl_local.plugins import load_task, task_names
 
 TASKS = ("aircraft_inspection", "customer_service", "inventory_reconciliation")
 
@@ -18,12 +18,12 @@ TASKS = ("aircraft_inspection", "customer_service", "inventory_reconciliation")
 def test_registry_lists_the_bundled_tasks() -> None:
     assert task_names() == sorted(TASKS)
     with pytest.raises(UserError, match=r"unknown task 'x'.*aircraft_inspection"):
-        get_task("x")
+        load_task("x")
 
 
 @pytest.mark.parametrize("name", TASKS)
 def test_splits_are_disjoint_and_sized(name: str) -> None:
-    task = get_task(name)
+    task = load_task(name)
     splits = {s: {c.case_id for c in task.cases(s)} for s in ("train", "val", "test")}
     assert [len(v) for v in splits.values()] == [300, 100, 100]
     assert not (splits["train"] & splits["val"])
@@ -34,12 +34,12 @@ def test_splits_are_disjoint_and_sized(name: str) -> None:
 
 _TRANSCRIPT = """
 import json, sys
-from sopbench import get_task
-task = get_task(sys.argv[1])
+from mtrl_local.plugins import load_task
+task = load_task(sys.argv[1])
 out = []
 for case in task.cases("test")[:15]:
     for seed, rate in ((0, 0.0), (3, 0.3)):
-        ep = task.run_policy(case, seed=seed, noise_rate=rate)
+        ep = task.run_expert(case, seed=seed, noise_rate=rate)
         out.append([ep.messages, ep.strict, ep.noise_events])
 print(json.dumps(out))
 """
@@ -67,12 +67,12 @@ def test_same_calls_same_seed_same_results_across_processes(name: str) -> None:
 def test_a_thousand_mixed_episodes_leave_nothing_alive() -> None:
     sandbox_before = SandboxEnvironment.live_resources()
     dbs_before = SQLiteEnvironment.open_databases()
-    tasks = [get_task(n) for n in TASKS]
+    tasks = [load_task(n) for n in TASKS]
     ran = 0
     for i in range(1000):
         task = tasks[i % 3]
         cases = task.cases("train")
-        episode = task.run_policy(cases[i % len(cases)], seed=i, noise_rate=0.2 if i % 2 else 0.0)
+        episode = task.run_expert(cases[i % len(cases)], seed=i, noise_rate=0.2 if i % 2 else 0.0)
         ran += episode.turns > 0
     assert ran == 1000
     assert SandboxEnvironment.live_resources() == sandbox_before

@@ -11,10 +11,10 @@ import pytest
 
 from mtrl_local.env import Episode, render_tool_call
 from mtrl_local.errors import UserError
+from mtrl_local.plugins import load_task
 from sopbench.aircraft_inspection import AircraftInspection, rules
 from sopbench.aircraft_inspection.task import AircraftInspectionEnv
 from sopbench.base import NOISE_KINDS, Case
-from sopbench.registry import get_task
 
 #: sha256 of every generated case (json.dumps, sort_keys): generation must not drift across
 #: runs, machines or refactors. Change it only on purpose, together with the data it pins.
@@ -23,7 +23,7 @@ GOLDEN_DIGEST = "0f9911664cfe91649e87693c2a957d16d0bf2dd3a09f5b05e024e833b2619bf
 
 @pytest.fixture(scope="module")
 def task() -> AircraftInspection:
-    t = get_task("aircraft_inspection")
+    t = load_task("aircraft_inspection")
     assert isinstance(t, AircraftInspection)
     return t
 
@@ -218,7 +218,7 @@ def test_validate_reference_scores_one_on_every_case(task: AircraftInspection) -
 def test_reference_policy_derives_answers_from_tools(
     task: AircraftInspection, overrides: dict[str, Any]
 ) -> None:
-    episode = task.run_policy(_case(**overrides))
+    episode = task.run_expert(_case(**overrides))
     assert episode.strict == 1.0
     assert episode.tool_errors == 0
 

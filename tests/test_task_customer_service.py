@@ -13,10 +13,10 @@ import pytest
 
 from mtrl_local.env import Episode, SandboxEnvironment, render_tool_call
 from mtrl_local.errors import UserError
+from mtrl_local.plugins import load_task
 from sopbench.base import Case
 from sopbench.customer_service import CustomerService
 from sopbench.customer_service.cases import STATUSES, ground_truth, resolution_status
-from sopbench.registry import get_task
 
 #: sha256 of all cases (json.dumps, sort_keys): a change to the generator must be deliberate.
 GOLDEN_DIGEST = "fb943b917383784a04416ef0f8b92dec69c48bc33758a502abc4e760430a556e"
@@ -24,7 +24,7 @@ GOLDEN_DIGEST = "fb943b917383784a04416ef0f8b92dec69c48bc33758a502abc4e760430a556
 
 @pytest.fixture(scope="module")
 def task() -> CustomerService:
-    t = get_task("customer_service")
+    t = load_task("customer_service")
     assert isinstance(t, CustomerService)
     return t
 
@@ -162,13 +162,13 @@ def test_session_token_varies_with_seed_but_truth_and_ticket_do_not(task: Custom
     case = _case_with_ticket(task)
     tokens, tickets = set(), set()
     for seed in (0, 1, 2):
-        episode = task.run_policy(case, seed=seed)
+        episode = task.run_expert(case, seed=seed)
         assert episode.strict == 1.0
         tokens.add(_tool_content(episode.messages, "authenticate")["session_token"])
         tickets.add(_tool_content(episode.messages, "open_ticket")["ticket_id"])
     assert len(tokens) == 3
     assert tickets == {case.ground_truth["ticket_id"]}
-    assert task.run_policy(case, seed=0).messages == task.run_policy(case, seed=0).messages
+    assert task.run_expert(case, seed=0).messages == task.run_expert(case, seed=0).messages
 
 
 def test_tool_results_never_state_the_verdict(task: CustomerService) -> None:
@@ -182,8 +182,8 @@ def test_no_state_leaks_over_a_thousand_episodes(task: CustomerService) -> None:
     cases = task.cases()
     strict = []
     for i, case in enumerate(cases):
-        strict.append(task.run_policy(case, seed=i).strict)
-        task.run_policy(case, seed=i, noise_rate=0.3)
+        strict.append(task.run_expert(case, seed=i).strict)
+        task.run_expert(case, seed=i, noise_rate=0.3)
     assert strict == [1.0] * len(cases)
     env = task.make_env()  # one instance reused, as a rollout worker would
     aborted = [c for c in cases if c.ground_truth["ticket_id"] != "none"][:200]
@@ -222,7 +222,7 @@ def test_second_episode_on_same_env_cannot_see_first_sessions(task: CustomerServ
 
 
 def test_noisy_expert_produces_some_strict_failures(task: CustomerService) -> None:
-    episodes = [task.run_policy(c, seed=0, noise_rate=0.3) for c in task.cases("train")[:60]]
+    episodes = [task.run_expert(c, seed=0, noise_rate=0.3) for c in task.cases("train")[:60]]
     scores = [e.strict for e in episodes]
     assert 0.0 in scores and 1.0 in scores
     assert any(e.noise_events for e in episodes)

@@ -12,6 +12,7 @@ import pytest
 
 from mtrl_local.env import Episode, SQLiteEnvironment, render_tool_call
 from mtrl_local.errors import UserError
+from mtrl_local.plugins import load_task
 from sopbench.base import Case
 from sopbench.inventory_reconciliation import InventoryReconciliation
 from sopbench.inventory_reconciliation.task import (
@@ -21,7 +22,6 @@ from sopbench.inventory_reconciliation.task import (
     SUPERVISOR_MAX,
     InventoryEnvironment,
 )
-from sopbench.registry import get_task
 
 #: sha256 of all cases (json.dumps, sort_keys): a change to the generator must be deliberate.
 GOLDEN_DIGEST = "5baeeabc65cd3f7ba40581992ee7a3cbf7ed3f1f4edd9426065aee1ec0516fb1"
@@ -34,7 +34,7 @@ _COUNT_ROWS = (
 
 @pytest.fixture(scope="module")
 def task() -> InventoryReconciliation:
-    t = get_task("inventory_reconciliation")
+    t = load_task("inventory_reconciliation")
     assert isinstance(t, InventoryReconciliation)
     return t
 

@@ -22,7 +22,7 @@ from mtrl_local.errors import UserError
 from mtrl_local.metrics import ALL_METRICS
 from mtrl_local.store import RunStore
 from mtrl_local.train.trainer import Trainer
-from tests.trainer_fixtures import build_tiny_model, noisy_expert_backend
+from tests.trainer_fixtures import build_tiny_model, make_trainer, noisy_expert_sampler
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,7 @@ def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess[str
 
 def small_config(model: Path, out: Path, **overrides: Any) -> Any:
     values: dict[str, Any] = {
+        "task": "aircraft_inspection",
         "model": str(model),
         "output_dir": str(out),
         "run_name": "run",
@@ -57,11 +58,11 @@ def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def scripted_trainer(cfg: Any) -> Trainer:
-    from mtrl_local.models.default import load_model
+    from mtrl_local.model_io import load_model
 
     _, tokenizer = load_model(cfg.model)
-    backend = noisy_expert_backend(tokenizer, cfg.task)
-    return Trainer(cfg, progress=False, rollout_backend=backend)
+    sampler = noisy_expert_sampler(tokenizer, cfg.task)
+    return make_trainer(cfg, progress=False, sampler=sampler)
 
 
 @pytest.mark.parametrize(
@@ -200,6 +201,8 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
         "-m",
         "mtrl_local.cli",
         "train",
+        "--task",
+        "aircraft_inspection",
         "--model",
         str(tiny_model),
         "--output-dir",
@@ -270,7 +273,7 @@ def _update_size_and_gap(
     model_dir: Path, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 ) -> tuple[float, float]:
     """``(‖a − start‖, ‖b − a‖)``: how far update ``a`` moved, how far ``b`` is from ``a``."""
-    from mtrl_local.models.default import load_model
+    from mtrl_local.model_io import load_model
 
     start, _ = load_model(model_dir)
     p0 = start.state_dict()
@@ -385,6 +388,8 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
     sharded-optimizer checkpoint."""
     train = [
         "train",
+        "--task",
+        "aircraft_inspection",
         "--model",
         str(tiny_model),
         "--output-dir",
@@ -413,7 +418,7 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
     assert a == b  # same messages, token counts and rewards
     with RunStore.open(tmp_path / "two", readonly=True) as store:
         assert store.steps() == [1, 2] and store.run().status == "finished"
-    from mtrl_local.models.default import load_model
+    from mtrl_local.model_io import load_model
 
     m1, _ = load_model(tmp_path / "one" / "final_model")
     m2, _ = load_model(tmp_path / "two" / "final_model")
@@ -446,9 +451,10 @@ def test_accelerate_launch_runs_the_whole_trainer_like_one_process(
 def test_fsdp_with_lora_and_a_kl_term(tiny_model: Path, tmp_path: Path) -> None:
     """FSDP over a peft model: the adapter trains, the KL reference (the adapter disabled) runs
     sharded, and the exported model differs from the base only in the adapted projections."""
-    from mtrl_local.models.default import load_model
+    from mtrl_local.model_io import load_model
 
-    args = ["train", "--model", str(tiny_model), "--output-dir", str(tmp_path)]
+    args = ["train", "--task", "aircraft_inspection", "--model", str(tiny_model)]
+    args += ["--output-dir", str(tmp_path)]
     args += ["--run-name", "lora", "--no-baseline", "--no-final-eval", "max_steps=2"]
     args += ["num_generations=2", "batch_size=8", "sampling_max_tokens=48", "eval_steps=0"]
     args += ["save_steps=2", "mlflow=false", "learning_rate=1e-2", "fsdp=true", "lora_rank=4"]
@@ -468,14 +474,15 @@ def test_fsdp_with_lora_and_a_kl_term(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_fsdp_needs_several_processes(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="fsdp shards the model over several processes"):
-        Trainer(small_config(tiny_model, tmp_path, fsdp=True), progress=False)
+        make_trainer(small_config(tiny_model, tmp_path, fsdp=True), progress=False)
 
 
 def test_accelerate_launch_refuses_async_and_uneven_splits(
     tiny_model: Path, tmp_path: Path
 ) -> None:
     launch = [*TWO_PROCESSES, "-m", "mtrl_local.cli"]
-    base = ["train", "--model", str(tiny_model), "--output-dir", str(tmp_path), "--no-baseline"]
+    base = ["train", "--task", "aircraft_inspection", "--model", str(tiny_model)]
+    base += ["--output-dir", str(tmp_path), "--no-baseline"]
     base += ["--no-final-eval", "mlflow=false", "max_steps=1", "num_generations=2"]
     for extra, message in [
         (["batch_size=6"], "do not split evenly over 2 processes"),
@@ -489,7 +496,7 @@ def test_accelerate_launch_refuses_async_and_uneven_splits(
 
 
 def test_async_rollouts_respect_the_staleness_bound(tiny_model: Path, tmp_path: Path) -> None:
-    """A background worker samples with its own copy of the weights (real backend)."""
+    """A background worker samples with its own copy of the weights (real sampler)."""
     cfg = small_config(
         tiny_model,
         tmp_path,
@@ -497,8 +504,8 @@ def test_async_rollouts_respect_the_staleness_bound(tiny_model: Path, tmp_path: 
         sampling_max_tokens=24,
         async_config={"max_steps_off_policy": 1},
     )
-    trainer = Trainer(cfg, progress=False)
-    assert trainer.source.backend.model is not trainer.model  # a copy, not the live module
+    trainer = make_trainer(cfg, progress=False)
+    assert trainer.source.sampler.model is not trainer.model  # a copy, not the live module
     trainer.train()
     staleness = trainer.store.metric_series("perf/staleness_mean")
     assert len(staleness) == 4
@@ -506,5 +513,5 @@ def test_async_rollouts_respect_the_staleness_bound(tiny_model: Path, tmp_path: 
     for row in trainer.store.trajectories():
         assert 0 <= (row.step - 1) - row.policy_version <= 1
     # The worker picked up the trainer's weights after each step.
-    assert trainer.source.backend.policy_version >= 2
+    assert trainer.source.sampler.policy_version >= 2
     trainer.close()

@@ -25,10 +25,10 @@ from textual.widgets import TabbedContent
 from mtrl_local.cli import main as cli_main
 from mtrl_local.diagnostics import diagnose
 from mtrl_local.errors import UserError
+from mtrl_local.plugins import load_task
+from mtrl_local.run_dir import STORE_FILENAME
+from mtrl_local.scoring import scalar
 from mtrl_local.store import RunStore
-from mtrl_local.store_schema import STORE_FILENAME
-from rewards.types import scalar
-from sopbench import get_task
 from tui.app import Dashboard
 from tui.data import find_latest_run, resolve_run_dir
 from tui.demo import TASK, disagreeing_trajectory, write_evaluation, write_step, write_val
@@ -94,7 +94,7 @@ async def on_screen(pilot, *needles: str, timeout: float = 8.0) -> str:
 
 
 def new_store(run_dir: Path, steps: int = STEPS) -> RunStore:
-    task = get_task(TASK)
+    task = load_task(TASK)
     config = {"task": TASK, "max_steps": steps, "max_turns": task.max_turns}
     return RunStore.create(run_dir, "tui-test", TASK, config)
 
@@ -104,7 +104,7 @@ def new_store(run_dir: Path, steps: int = STEPS) -> RunStore:
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A finished 30-step run; returns ``(run_dir, id of the seeded disagreeing trajectory)``."""
     run_dir = tmp_path_factory.mktemp("run")
-    task = get_task(TASK)
+    task = load_task(TASK)
     store = new_store(run_dir)
     store.set_status("running")
     for step in range(STEPS):
@@ -229,7 +229,7 @@ async def test_disagreement_filter_finds_the_seeded_trajectory(run: tuple[Path, 
 # -- a live run ------------------------------------------------------------------------------------
 @run_async
 async def test_a_step_written_while_the_app_runs_shows_up(tmp_path: Path) -> None:
-    task = get_task(TASK)
+    task = load_task(TASK)
     writer = new_store(tmp_path, steps=6)
     writer.set_status("running")
     for step in range(3):
@@ -261,7 +261,7 @@ async def test_empty_store_says_so_then_follows_the_first_step(tmp_path: Path) -
             await pilot.press(key)
             await pilot.pause(0.05)
         await on_screen(pilot, "No evaluation stored yet")
-        write_step(writer, get_task(TASK), 0, 2)
+        write_step(writer, load_task(TASK), 0, 2)
         await on_screen(pilot, "step 0")
     writer.close()
 
@@ -269,7 +269,7 @@ async def test_empty_store_says_so_then_follows_the_first_step(tmp_path: Path) -
 @run_async
 async def test_store_mid_write_shows_the_last_commit_without_blocking(tmp_path: Path) -> None:
     writer = new_store(tmp_path)
-    write_step(writer, get_task(TASK), 0, 2)
+    write_step(writer, load_task(TASK), 0, 2)
     writer.close()
     # Another writer in the middle of a transaction (a trainer between BEGIN and COMMIT).
     conn = sqlite3.connect(tmp_path / STORE_FILENAME, isolation_level=None)

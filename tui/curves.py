@@ -24,7 +24,8 @@ class Curve:
     lines: tuple[tuple[str, str, str], ...]
     #: Fixed y range for shares (0–1); ``None`` lets plotext fit the data.
     ylim: tuple[float, float] | None = None
-    #: A limit drawn as a red horizontal line (DESIGN.md's 5 % truncation rule).
+    #: A limit drawn as a red horizontal line (the 5 % truncation rule of docs/design.md,
+    #: "Diagnostics").
     limit: float | None = None
 
 

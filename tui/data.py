@@ -18,6 +18,7 @@ from pathlib import Path
 
 from mtrl_local.diagnostics import Finding, diagnose
 from mtrl_local.errors import UserError
+from mtrl_local.run_dir import STORE_FILENAME
 from mtrl_local.store import RunStore, TrajectoryFilter
 from mtrl_local.store_records import (
     DiagnosticRecord,
@@ -25,7 +26,6 @@ from mtrl_local.store_records import (
     RunInfo,
     TrajectoryRecord,
 )
-from mtrl_local.store_schema import STORE_FILENAME
 
 #: Where ``mtrl dash`` without an argument looks for runs.
 DEFAULT_RUNS_ROOT = Path("runs")

@@ -3,7 +3,7 @@
 For the dashboard's tests and for screenshots before a real run exists. Nothing is trained: the
 noisy expert of ``aircraft_inspection`` plays the policy, its noise falling with the step so the
 curves move like a run that learns. Everything else is the real code path — episodes from
-``Task.run_policy``, rewards from ``rewards.dense``, ``rollout/*`` metrics from
+``Task.run_expert``, rewards from ``rewards.dense``, ``rollout/*`` metrics from
 :func:`mtrl_local.metrics.rollout_metrics`, val metrics from :func:`mtrl_local.evaluate.summarize`,
 findings from :func:`mtrl_local.diagnostics.diagnose`, all through
 :class:`~mtrl_local.store.RunStore`.
@@ -23,14 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from mtrl_local import metrics as M
+from mtrl_local.advantages import batch_advantages
 from mtrl_local.diagnostics import diagnose
-from mtrl_local.evaluate import summarize, val_metrics
+from mtrl_local.eval_metrics import summarize, val_metrics
+from mtrl_local.scoring import strict_score
 from mtrl_local.store import RunStore
 from mtrl_local.trajectory import FinishReason, Trajectory, TurnSpan
 from rewards.dense import dense_reward_per_turn
 from rewards.examples import lenient_reward
-from rewards.strict import strict_score
-from sopbench import get_task
+from sopbench.aircraft_inspection import AircraftInspection
 from sopbench.base import Case, Task
 
 TASK = "aircraft_inspection"
@@ -69,7 +70,7 @@ def episode(
     ``truncate``: the last turn is cut in half, as if it hit ``sampling_max_tokens`` (finish
     reason ``length``). ``fail``: the environment failed after the second turn (unscored).
     """
-    ep = task.run_policy(case, seed=seed, noise_rate=noise_rate, noise_seed=seed)
+    ep = task.run_expert(case, seed=seed, noise_rate=noise_rate, noise_seed=seed)
     messages, done = [dict(m) for m in ep.messages], ep.done_reason
     if fail:
         cut = [i for i, m in enumerate(messages) if m["role"] == "assistant"][1]
@@ -112,7 +113,7 @@ def disagreeing_trajectory(
 ) -> Trajectory:
     """The reference episode with its answer under ``<answer>`` instead of ``<final_response>``,
     scored by the lenient reward: every field right, reward ≥ 1.0, strict 0."""
-    ep = task.run_policy(case)
+    ep = task.run_expert(case)
     messages = [dict(m) for m in ep.messages]
     last = messages[-1]
     last["content"] = str(last["content"]).replace("final_response>", "answer>")
@@ -177,7 +178,8 @@ def write_step(
         trajs.append(
             disagreeing_trajectory(task, case, group_id=f"s{step}lenient", policy_version=step)
         )
-    metrics = M.rollout_metrics(trajs)
+    zero_groups = batch_advantages(trajs, "group_based").zero_group_ids
+    metrics = M.rollout_metrics(trajs, zero_groups)
     tokens = sum(s.n_tokens for t in trajs for s in t.turns)
     metrics.update(
         {
@@ -235,7 +237,7 @@ def write_demo_run(
     run_dir: str | Path, steps: int = 30, *, name: str = "demo", finished: bool = True
 ) -> RunStore:
     """A whole demo run in ``run_dir`` (must not hold a store yet); returns the open writer."""
-    task = get_task(TASK)
+    task = AircraftInspection()
     config = {
         "task": TASK,
         "max_steps": steps,

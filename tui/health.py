@@ -1,10 +1,10 @@
 """The health panel: each watched metric's latest value, trend and judgement (no Textual here).
 
 Plain functions, so the panel's content is testable without a terminal and the app only places
-widgets. Colours are judgements: every threshold a row is coloured against is written in its
-judge below (and listed in ``HEALTH``), with the DESIGN.md §9/§10 rule it comes from; trends use
-the same fitted "change" as :mod:`mtrl_local.diagnostics`, so an arrow here and a finding there
-agree.
+widgets. Colours are judgements: every threshold a row is coloured against is written in its judge
+below (and listed in ``HEALTH``), with the rule of docs/design.md ("Metrics", "Diagnostics") it
+comes from; trends use the same fitted "change" as :mod:`mtrl_local.diagnostics`, so an arrow here
+and a finding there agree.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mtrl_local import metrics as M
+from mtrl_local.diagnostics import change
 from tui.data import Snapshot
 
 Series = Sequence[tuple[int, float]]
@@ -41,24 +42,6 @@ _SPARK = "▁▂▃▄▅▆▇█"
 def finite(series: Series | None) -> list[tuple[int, float]]:
     """The points with a finite value (NaN is stored for a NaN loss; plots and fits skip it)."""
     return [(s, v) for s, v in series or () if v is not None and math.isfinite(v)]
-
-
-def change(points: Series) -> float:
-    """Least-squares slope × step span: how much a line fitted to ``points`` rises across them.
-
-    The same definition as :mod:`mtrl_local.diagnostics`, so an arrow here and a finding there
-    agree on what "rising" means.
-    """
-    if len(points) < 2:
-        return 0.0
-    xs = [float(s) for s, _ in points]
-    ys = [v for _, v in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return 0.0
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
-    return slope * (xs[-1] - xs[0])
 
 
 def recent_mean(points: Series, n: int = 3) -> float | None:
@@ -212,7 +195,8 @@ class HealthMetric:
     judge: Judge
 
 
-#: The rows of the health panel, in the order a person reads a run (DESIGN.md §9, §10).
+#: The rows of the health panel, in the order a person reads a run (docs/design.md, "Metrics" and
+#: "Diagnostics").
 HEALTH: tuple[HealthMetric, ...] = (
     HealthMetric(M.REWARD_MEAN, "reward (train)", "float", _judge_reward),
     HealthMetric(M.REWARD_VALID_MEAN, "reward valid_mean", "float", _judge_valid_mean),

@@ -114,7 +114,7 @@ def diagnostics_view(
 ) -> RenderableType:
     """The diagnostics tab: each active finding as a block, then the ones that stopped firing."""
     if not active and not earlier:
-        return Text("No findings: every §10 check is quiet.", style="green")
+        return Text("No findings: every diagnostic check is quiet.", style="green")
     blocks: list[RenderableType] = []
     if active:
         blocks.append(Text(f"Active findings ({len(active)})", style="bold"))

@@ -16,6 +16,7 @@ import asyncio
 from pathlib import Path
 
 from tui.app import Dashboard
+from tui.demo import write_demo_run
 
 #: (file stem, keys pressed from the previous view). ``escape`` leaves the open trajectory.
 VIEWS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -66,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cols, rows = (int(x) for x in args.size.lower().split("x"))
     if args.demo:
-        from tui.demo import write_demo_run
-
         write_demo_run(args.run_dir).close()
     for path in asyncio.run(save_screenshots(args.run_dir, args.out, (cols, rows))):
         print(path)  # a script's output (the library itself never prints)

@@ -2,8 +2,8 @@
 
 Plain functions over :class:`~mtrl_local.store_records.TrajectoryRecord` (no Textual here). The
 final answer is read with the strict scorer's own parser and field comparison
-(``rewards.parsing.parse_answer``, ``rewards.strict.field_matches``), so a ✓ here means exactly
-what the evaluation credits.
+(``mtrl_local.env.actions.parse_answer``, ``mtrl_local.scoring.field_matches``), so a ✓ here
+means exactly what the evaluation credits.
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from mtrl_local.env.actions import parse_tool_calls
+from mtrl_local.env.actions import parse_answer, parse_tool_calls
+from mtrl_local.scoring import field_matches, normalize
 from mtrl_local.store_records import TrajectoryRecord
 from rewards.examples import lenient_parse
-from rewards.parsing import parse_answer
-from rewards.strict import field_matches, normalize
 
 #: The store's filters, in the order ``f`` cycles through them (``None`` = all).
 FILTERS: tuple[str | None, ...] = (None, "failures", "truncated", "zero_reward", "disagree")

@@ -22,7 +22,6 @@ from mtrl_local.env.tools import Tool, ToolArgumentError
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
-FinishReason = Literal["stop", "length", "max_turns", "error"]
 DoneReason = Literal["final_answer", "no_action", "max_turns", "error", "aborted"]
 
 ERROR_PREFIX = "error: "

@@ -1,4 +1,4 @@
-"""Reusable bases for the three environment patterns (DESIGN.md §2).
+"""Reusable bases for the three environment patterns (docs/design.md, "Environments").
 
 - :class:`FixtureEnvironment` — read-only tools whose responses are recorded and replayed, keyed by
   the call's arguments; a call nobody recorded gets a deterministic error string.

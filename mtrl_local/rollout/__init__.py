@@ -1,30 +1,29 @@
-"""Token-in/token-out multi-turn rollouts: the engine, the backend seam and its backends.
+"""Token-in/token-out multi-turn rollouts: the engine, the sampler seam and its samplers.
 
-* :mod:`~mtrl_local.rollout.backend`: the seam (``GenerationBackend``, requests, results, params).
+* :mod:`~mtrl_local.rollout.sampler`: the seam (``Sampler``, requests, results, params).
 * :mod:`~mtrl_local.rollout.engine`: ``RolloutEngine`` — every active episode's turn in one batch.
-* :mod:`~mtrl_local.rollout.transformers_backend`: our batched sampler with KV reuse across turns.
+* :mod:`~mtrl_local.rollout.transformers_sampler`: our batched sampler with KV reuse across turns.
 * :mod:`~mtrl_local.rollout.scripted`: replays token sequences (tests, trainer tests).
 """
 
-from mtrl_local.rollout.backend import (
-    GenerationBackend,
+from mtrl_local.rollout.engine import RolloutEngine, RolloutStats, episode_key
+from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
+    Sampler,
     SamplingParams,
 )
-from mtrl_local.rollout.engine import RolloutEngine, RolloutStats, episode_key, summarize
-from mtrl_local.rollout.scripted import ScriptedBackend
-from mtrl_local.rollout.transformers_backend import TransformersBackend
+from mtrl_local.rollout.scripted import ScriptedSampler
+from mtrl_local.rollout.transformers_sampler import TransformersSampler
 
 __all__ = [
-    "GenerationBackend",
     "GenerationRequest",
     "GenerationResult",
     "RolloutEngine",
     "RolloutStats",
+    "Sampler",
     "SamplingParams",
-    "ScriptedBackend",
-    "TransformersBackend",
+    "ScriptedSampler",
+    "TransformersSampler",
     "episode_key",
-    "summarize",
 ]

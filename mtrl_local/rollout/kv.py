@@ -1,4 +1,4 @@
-"""The batch KV buffer behind :class:`~mtrl_local.rollout.transformers_backend.TransformersBackend`.
+"""The batch KV buffer behind :class:`~mtrl_local.rollout.transformers_sampler.TransformersSampler`.
 
 One preallocated tensor holds the keys and values of every row of a ``generate`` call, slot by slot.
 Slot ``j`` of every row is written in the same forward call, so the write position is one shared

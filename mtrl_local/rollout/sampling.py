@@ -1,7 +1,7 @@
 """Token sampling from next-token logits: temperature, top-p, greedy, seeded per row.
 
 Pure tensor functions. Each row draws its noise from its own ``torch.Generator`` seeded by
-:func:`~mtrl_local.rollout.backend.row_seed`, so a row's sample depends on its seed and its logits,
+:func:`~mtrl_local.rollout.sampler.row_seed`, so a row's sample depends on its seed and its logits,
 not on which other rows share the batch (the same episode samples the same tokens at max_batch 1
 and 64, up to floating-point differences in the logits).
 """

@@ -1,4 +1,4 @@
-"""A backend that replays given token sequences: for tests of the engine, the trainer and rewards.
+"""A sampler that replays given token sequences: for tests of the engine, the trainer and rewards.
 
 Each episode (by key, see :func:`~mtrl_local.rollout.engine.episode_key`) gets its turns from a
 script: a mapping ``key -> [turn ids, …]`` or a callable ``(key, turn_index, context_ids) -> ids``.
@@ -16,13 +16,13 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from mtrl_local.rollout.backend import GenerationRequest, GenerationResult, SamplingParams
+from mtrl_local.rollout.sampler import GenerationRequest, GenerationResult, SamplingParams
 
 Script = Mapping[str, Sequence[Sequence[int]]] | Callable[[str, int, list[int]], Sequence[int]]
 
 
-class ScriptedBackend:
-    """:class:`~mtrl_local.rollout.backend.GenerationBackend` replaying ``script``."""
+class ScriptedSampler:
+    """:class:`~mtrl_local.rollout.sampler.Sampler` replaying ``script``."""
 
     def __init__(
         self,
@@ -99,4 +99,4 @@ class ScriptedBackend:
             raise ValueError(f"episode {key}: context does not extend the last context + ids")
 
 
-__all__ = ["Script", "ScriptedBackend"]
+__all__ = ["Script", "ScriptedSampler"]

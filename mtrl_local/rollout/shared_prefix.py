@@ -1,4 +1,4 @@
-"""Shared-prompt attention for the transformers rollout backend (``transformers_backend.py``).
+"""Shared-prompt attention for the transformers rollout sampler (``transformers_sampler.py``).
 
 Every episode of a rollout starts with the same ids: the system turn with the SOP and the tool
 schemas (~1.6k of the ~2–3k tokens of an aircraft_inspection context). Without sharing, each row
@@ -19,8 +19,8 @@ concatenates the shared keys in front of the row's own instead (prefill is rare;
 memory there).
 
 The attention function is registered with transformers under :data:`ATTENTION_NAME` and selected
-only for the backend's own forward calls (the model's configured implementation is restored after
-each call); without the backend's cache it defers to plain SDPA.
+only for the sampler's own forward calls (the model's configured implementation is restored after
+each call); without the sampler's cache it defers to plain SDPA.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ ATTENTION_NAME = "mtrl_shared_prefix"
 """The name the cascade attention is registered under (``config._attn_implementation``)."""
 
 CACHE_KWARG = "mtrl_slot_cache"
-"""The keyword the backend passes its slot cache under; it reaches the attention function."""
+"""The keyword the sampler passes its slot cache under; it reaches the attention function."""
 
 
 @dataclass(eq=False)

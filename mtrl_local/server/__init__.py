@@ -3,7 +3,7 @@
 * :mod:`~mtrl_local.server.app`: ``RolloutServer`` — FastAPI + uvicorn on 127.0.0.1, bearer token.
 * :mod:`~mtrl_local.server.episodes`: per-episode token histories, built only by appending ids.
 * :mod:`~mtrl_local.server.batcher`: concurrent requests gathered into one ``generate`` call.
-* :mod:`~mtrl_local.server.source`: ``AgentRolloutSource`` — launches agents, yields RolloutBatches.
+* :mod:`~mtrl_local.server.source`: ``AgentBatchSource`` — launches agents, yields StepBatches.
 """
 
 from mtrl_local.server.app import EPISODE_HEADER, RolloutServer

@@ -41,14 +41,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from mtrl_local.rollout.backend import GenerationBackend, GenerationRequest, SamplingParams
+from mtrl_local.rollout.sampler import GenerationRequest, Sampler, SamplingParams
 from mtrl_local.server.batcher import GenerationBatcher
 from mtrl_local.server.episodes import (
     EpisodeError,
     EpisodeRecord,
     EpisodeRegistry,
+    TurnPlan,
     make_choice,
 )
+from mtrl_local.server.messages import Choice
 from mtrl_local.server.schemas import (
     ChatCompletionRequest,
     CloseRequest,
@@ -89,7 +91,7 @@ class RolloutServer:
 
     def __init__(
         self,
-        backend: GenerationBackend,
+        sampler: Sampler,
         tokenizer: PreTrainedTokenizerBase,
         *,
         sampling: SamplingParams | None = None,
@@ -108,7 +110,7 @@ class RolloutServer:
                 "token can drive the policy and write training data",
                 host,
             )
-        self.backend = backend
+        self.sampler = sampler
         self.tokenizer = tokenizer
         self.sampling = sampling or SamplingParams()
         self.token = token or secrets.token_urlsafe(24)
@@ -116,8 +118,8 @@ class RolloutServer:
         self.model_name = model_name
         self.honor_request_sampling = honor_request_sampling
         self.idle_timeout_s = idle_timeout_s
-        self.registry = EpisodeRegistry(tokenizer, backend.eos_token_id)
-        self.batcher = GenerationBatcher(backend, max_batch=max_batch, window_s=batch_window_s)
+        self.registry = EpisodeRegistry(tokenizer, sampler.eos_token_id)
+        self.batcher = GenerationBatcher(sampler, max_batch=max_batch, window_s=batch_window_s)
         self.app = self._build_app()
         self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -182,7 +184,7 @@ class RolloutServer:
             max_turns=rec.max_turns,
             state=rec.state,
             turns=len(rec.turns),
-            policy_version=self.backend.policy_version,
+            policy_version=self.sampler.policy_version,
         ).model_dump()
 
     def _params(self, body: ChatCompletionRequest, room: int | None) -> SamplingParams:
@@ -203,6 +205,32 @@ class RolloutServer:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="mtrl-local rollout server", docs_url=None, redoc_url=None)
+        self._add_auth(app)
+        self._add_error_handlers(app)
+        self._add_episode_routes(app)
+
+        @app.get("/health")
+        async def health() -> dict[str, Any]:
+            return {"status": "ok", "policy_version": self.sampler.policy_version}
+
+        @app.get("/v1/models")
+        async def models() -> dict[str, Any]:
+            model = {
+                "id": self.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "mtrl-local",
+            }
+            return {"object": "list", "data": [model]}
+
+        @app.post("/v1/chat/completions")
+        async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
+            return await self._complete(body, request.headers.get(EPISODE_HEADER) or body.user)
+
+        return app
+
+    def _add_auth(self, app: FastAPI) -> None:
+        """Every route but ``/health`` needs the bearer token (compared in constant time)."""
         registry = self.registry
 
         @app.middleware("http")
@@ -222,6 +250,9 @@ class RolloutServer:
                     )
             return await call_next(request)
 
+    def _add_error_handlers(self, app: FastAPI) -> None:
+        """Every error is an OpenAI-style JSON error body, never a stack trace."""
+
         @app.exception_handler(RequestValidationError)
         async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
             return _error(400, _validation_message(exc), "invalid_request")
@@ -234,23 +265,9 @@ class RolloutServer:
         async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
             return _error(exc.status_code, str(exc.detail), "http_error")
 
-        @app.get("/health")
-        async def health() -> dict[str, Any]:
-            return {"status": "ok", "policy_version": self.backend.policy_version}
-
-        @app.get("/v1/models")
-        async def models() -> dict[str, Any]:
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": 0,
-                        "owned_by": "mtrl-local",
-                    }
-                ],
-            }
+    def _add_episode_routes(self, app: FastAPI) -> None:
+        """Start, read, reward and close an episode."""
+        registry = self.registry
 
         @app.post("/v1/episodes")
         async def start_episode(body: EpisodeStartRequest | None = None) -> dict[str, Any]:
@@ -283,41 +300,14 @@ class RolloutServer:
             rec = registry.close(episode_id, body.reason if body else None)
             return self._info(rec)
 
-        @app.post("/v1/chat/completions")
-        async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-            return await self._complete(body, request.headers.get(EPISODE_HEADER) or body.user)
-
-        return app
-
     async def _complete(
         self, body: ChatCompletionRequest, episode_id: str | None
     ) -> dict[str, Any]:
-        if body.stream:
-            raise EpisodeError(400, "stream=true is not supported", "unsupported")
-        # Standalone servers have no launcher watching the clock: expire silent episodes here.
-        self.registry.expire(self.idle_timeout_s)
-        if not episode_id:
-            raise EpisodeError(
-                400,
-                f"no episode: send its id in the {EPISODE_HEADER} header or the 'user' field",
-                "missing_episode",
-            )
-        messages = [m.model_dump(exclude_none=True) for m in body.messages]
-        plan = self.registry.prepare(episode_id, messages, body.tools)
-        limit = self.backend.max_context_len
-        room = None if limit is None else limit - len(plan.context_ids)
-        if room is not None and room < 1:
-            self.registry.abandon(plan, "context window full")
-            raise EpisodeError(
-                400,
-                f"the episode's context ({len(plan.context_ids)} tokens) fills the model's "
-                f"window ({limit})",
-                "context_length_exceeded",
-            )
-        params = self._params(body, room)
+        """One chat completion of an episode: plan the turn, sample it, record it, answer."""
+        plan, params = self._plan(body, episode_id)
         keys = [plan.key] + [f"{plan.key}~{i}" for i in range(1, body.n)]
         requests = [GenerationRequest(k, plan.context_ids, params.max_tokens) for k in keys]
-        version = self.backend.policy_version
+        version = self.sampler.policy_version
         try:
             results = await asyncio.wrap_future(self.batcher.submit(requests, params))
         except Exception as exc:
@@ -330,7 +320,7 @@ class RolloutServer:
             make_choice(
                 self.tokenizer,
                 r,
-                eos_token_id=self.backend.eos_token_id,
+                eos_token_id=self.sampler.eos_token_id,
                 stop=body.stop_strings(),
                 parse_tools=body.tool_choice != "none",
                 call_id_prefix=f"{call_prefix}{i}",
@@ -338,6 +328,38 @@ class RolloutServer:
             for i, r in enumerate(results)
         ]
         self.registry.commit(plan, choices, version)
+        return self._completion(plan, choices, version)
+
+    def _plan(
+        self, body: ChatCompletionRequest, episode_id: str | None
+    ) -> tuple[TurnPlan, SamplingParams]:
+        """The turn to sample (what the episode's history makes of the request) and its params."""
+        if body.stream:
+            raise EpisodeError(400, "stream=true is not supported", "unsupported")
+        # Standalone servers have no launcher watching the clock: expire silent episodes here.
+        self.registry.expire(self.idle_timeout_s)
+        if not episode_id:
+            raise EpisodeError(
+                400,
+                f"no episode: send its id in the {EPISODE_HEADER} header or the 'user' field",
+                "missing_episode",
+            )
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        plan = self.registry.prepare(episode_id, messages, body.tools)
+        limit = self.sampler.max_context_len
+        room = None if limit is None else limit - len(plan.context_ids)
+        if room is not None and room < 1:
+            self.registry.abandon(plan, "context window full")
+            raise EpisodeError(
+                400,
+                f"the episode's context ({len(plan.context_ids)} tokens) fills the model's "
+                f"window ({limit})",
+                "context_length_exceeded",
+            )
+        return plan, self._params(body, room)
+
+    def _completion(self, plan: TurnPlan, choices: list[Choice], version: int) -> dict[str, Any]:
+        """The OpenAI chat-completion body for the sampled choices."""
         completion = sum(len(c.ids) for c in choices)
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

@@ -1,11 +1,11 @@
-"""One backend call for many agents: a small collector in front of ``GenerationBackend.generate``.
+"""One sampler call for many agents: a small collector in front of ``Sampler.generate``.
 
 Agents run as independent processes, so their requests arrive one by one; a decode step costs about
 the same for 1 row as for 16 on a GPU (and much less than 16 separate calls on a CPU). The collector
 waits for the first request, keeps collecting for ``window_s`` (a few milliseconds) or until
 ``max_batch`` rows, then makes one ``generate`` call per distinct :class:`SamplingParams` and
-resolves each request's future. Every backend call — generate, release — happens on the collector's
-single thread, so the backend (and the model it shares with the trainer) is never used from two
+resolves each request's future. Every sampler call — generate, release — happens on the collector's
+single thread, so the sampler (and the model it shares with the trainer) is never used from two
 threads at once; :meth:`pause` lets the trainer update the weights between two calls.
 """
 
@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from mtrl_local.rollout.backend import (
-    GenerationBackend,
+from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
+    Sampler,
     SamplingParams,
 )
 
@@ -39,18 +39,16 @@ class _Item:
 class GenerationBatcher:
     """Collects :class:`GenerationRequest` s from many threads into batched ``generate`` calls."""
 
-    def __init__(
-        self, backend: GenerationBackend, *, max_batch: int = 64, window_s: float = 0.005
-    ) -> None:
+    def __init__(self, sampler: Sampler, *, max_batch: int = 64, window_s: float = 0.005) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
-        self.backend = backend
+        self.sampler = sampler
         self.max_batch = max_batch
         self.window_s = window_s
         self._queue: queue.Queue[_Item | str | None] = queue.Queue()
         self._running = threading.Event()
         self._running.set()
-        #: Held while a backend call runs; :meth:`pause` takes it to wait for the call to end.
+        #: Held while a sampler call runs; :meth:`pause` takes it to wait for the call to end.
         self._busy = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="generation-batcher", daemon=True)
         self._closed = False
@@ -72,7 +70,7 @@ class GenerationBatcher:
         return future
 
     def release(self, key: str) -> None:
-        """Forget backend state of ``key`` (on the collector thread, between calls)."""
+        """Forget sampler state of ``key`` (on the collector thread, between calls)."""
         if not self._closed:
             self._queue.put(key)
 
@@ -134,16 +132,16 @@ class GenerationBatcher:
         groups: dict[SamplingParams, list[_Item]] = {}
         for item in items:
             if isinstance(item, str):
-                self.backend.release(item)
+                self.sampler.release(item)
             elif isinstance(item, _Item):
                 groups.setdefault(item.params, []).append(item)
         for params, group in groups.items():
             requests = [r for item in group for r in item.requests]
             try:
-                results = self.backend.generate(requests, params)
+                results = self.sampler.generate(requests, params)
                 if len(results) != len(requests):
                     raise RuntimeError(
-                        f"backend returned {len(results)} results for {len(requests)} requests"
+                        f"sampler returned {len(results)} results for {len(requests)} requests"
                     )
             except BaseException as exc:
                 logger.exception("generation failed for %d rows", len(requests))

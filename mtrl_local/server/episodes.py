@@ -27,95 +27,33 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mtrl_local.chat import FINAL_OPEN, encode_continuation, encode_prompt
+from mtrl_local.chat import encode_continuation, encode_prompt
+from mtrl_local.scoring import Scorer
 from mtrl_local.server.messages import (
     Choice,
     EpisodeError,
     Message,
-    WireMessage,
     encodable,
     make_choice,
     message_text,
     normalise,
     tools_key,
 )
+from mtrl_local.server.records import (
+    FAILED,
+    FINISHED,
+    RUNNING,
+    EpisodeRecord,
+    TurnPlan,
+    to_trajectory,
+)
 from mtrl_local.trajectory import Trajectory, TurnSpan
 
 logger = logging.getLogger(__name__)
-
-OPEN, RUNNING, FINISHED, FAILED = "assigned", "running", "finished", "failed"
-
-
-# -- one episode -----------------------------------------------------------------------------------
-@dataclass
-class EpisodeRecord:
-    """Everything the server knows about one episode."""
-
-    episode_id: str
-    task: str | None = None
-    case_id: str | None = None
-    split: str = ""
-    ground_truth: dict[str, Any] = field(default_factory=dict)
-    group_id: str | None = None
-    sample_index: int = 0
-    seed: int = 0
-    max_turns: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    #: Created by the trainer (trained on) or by the agent itself (recorded; the caller decides).
-    assigned: bool = False
-    state: str = OPEN
-    failure: str | None = None
-    tools: str | None = None
-    wire: list[WireMessage] = field(default_factory=list)
-    messages: list[Message] = field(default_factory=list)
-    prompt_len: int = 0
-    input_ids: list[int] = field(default_factory=list)
-    loss_mask: list[int] = field(default_factory=list)
-    behaviour_logprobs: list[float] = field(default_factory=list)
-    turns: list[TurnSpan] = field(default_factory=list)
-    versions: list[int] = field(default_factory=list)
-    #: The committed last turn (for the eos glue) and the other choices of it (``n > 1``).
-    last: Choice | None = None
-    alternates: list[Choice] = field(default_factory=list)
-    #: Index in ``wire`` of the last sampled assistant message.
-    last_index: int = -1
-    rewritten: bool = False
-    busy: bool = False
-    counters: Counter[str] = field(default_factory=Counter)
-    reward: float | list[float] | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    done_reason: str | None = None
-    created: float = field(default_factory=time.monotonic)
-    touched: float = field(default_factory=time.monotonic)
-
-    @property
-    def done(self) -> bool:
-        return self.state in (FINISHED, FAILED)
-
-    def _append(self, ids: Sequence[int], logprobs: Sequence[float] | None) -> None:
-        self.input_ids.extend(ids)
-        self.loss_mask.extend([0 if logprobs is None else 1] * len(ids))
-        self.behaviour_logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
-
-    def _truncate(self, n: int) -> None:
-        del self.input_ids[n:], self.loss_mask[n:], self.behaviour_logprobs[n:]
-
-
-@dataclass
-class TurnPlan:
-    """What to sample for one request: under which backend key, from which context."""
-
-    episode_id: str
-    key: str
-    context_ids: list[int]
-    #: ``True``: the history was rewritten; serve the agent but record nothing.
-    detached: bool = False
 
 
 class EpisodeRegistry:
@@ -430,57 +368,13 @@ class EpisodeRegistry:
         rec.busy = False
 
     # -- what the trainer takes --------------------------------------------------------------------
-    def trajectory(self, episode_id: str, default_version: int = 0) -> Trajectory:
-        """The episode as the trainer trains on it (failed ones are kept, flagged, for counting)."""
-        from rewards.strict import strict_score
-
+    def trajectory(
+        self, episode_id: str, default_version: int = 0, scorer: Scorer | None = None
+    ) -> Trajectory:
+        """The episode as the trainer trains on it (failed ones are kept, flagged, for counting);
+        ``scorer`` (the strict scorer, handed in by the batch source) fills ``strict``."""
         with self._lock:
-            rec = self.get(episode_id)
-            failed = rec.state != FINISHED
-            last_text = next(
-                (m["content"] for m in reversed(rec.messages) if m["role"] == "assistant"), ""
-            )
-            if rec.done_reason:
-                done = rec.done_reason
-            elif failed:
-                done = "error"
-            elif FINAL_OPEN in str(last_text):
-                done = "final_answer"
-            elif rec.turns and rec.turns[-1].finish_reason == "length":
-                done = "length"
-            else:
-                done = "no_action"
-            traj = Trajectory(
-                task=rec.task or "agent",
-                case_id=rec.case_id or rec.episode_id,
-                split=rec.split,
-                ground_truth=dict(rec.ground_truth),
-                prompt_len=rec.prompt_len,
-                input_ids=list(rec.input_ids),
-                loss_mask=list(rec.loss_mask),
-                behaviour_logprobs=list(rec.behaviour_logprobs),
-                turns=[TurnSpan(**vars(t)) for t in rec.turns],
-                messages=[dict(m) for m in rec.messages],
-                done_reason=done,
-                tool_calls=sum(t.tool_calls for t in rec.turns),
-                tool_errors=sum(
-                    m["role"] == "tool" and str(m.get("content", "")).startswith("error: ")
-                    for m in rec.messages
-                ),
-                failed=failed,
-                reward=rec.reward if not failed else None,
-                metrics=dict(rec.metrics),
-                group_id=rec.group_id or rec.episode_id,
-                sample_index=rec.sample_index,
-                seed=rec.seed,
-                policy_version=min(rec.versions) if rec.versions else default_version,
-                counters={k: int(v) for k, v in rec.counters.items() if v},
-            )
-            if rec.failure:
-                traj.counters["failed:" + rec.failure.split(":")[0].replace(" ", "_")] = 1
-            if rec.ground_truth and traj.messages:
-                traj.strict = strict_score(traj.messages, traj.ground_truth)
-            return traj
+            return to_trajectory(self.get(episode_id), default_version, scorer)
 
 
 __all__ = [

@@ -16,14 +16,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mtrl_local.env.actions import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, parse_tool_calls
-from mtrl_local.rollout.backend import GenerationResult, SampleFinish
+from mtrl_local.env.actions import TOOL_CALL_RE, parse_tool_calls
+from mtrl_local.rollout.sampler import GenerationResult, SampleFinish
 
 Message = dict[str, Any]
 #: A message as compared between turns: role, text, and for assistants the calls it made.
 WireMessage = tuple[Any, ...]
-
-_BLOCK = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
 
 
 class EpisodeError(Exception):
@@ -155,41 +153,15 @@ def make_choice(
     text = str(tokenizer.decode(body, skip_special_tokens=False))
     returned = text
     stop_cut = False
-    hits = [(text.find(s), s) for s in stop if s in text]
-    if hits:
-        _, s = min(hits)
-        # The shortest prefix of ids whose text contains the stop string.
-        for k in range(1, len(body) + 1):
-            prefix = str(tokenizer.decode(body[:k], skip_special_tokens=False))
-            if s in prefix:
-                ids, logprobs = body[:k], logprobs[:k]
-                text = prefix
-                break
-        returned, finish, stop_cut, stopped = text[: text.find(s)], "stop", True, False
-    content = returned
+    cut = _cut_at_stop(tokenizer, body, text, stop)
+    if cut is not None:
+        k, text, returned = cut
+        ids, logprobs = body[:k], logprobs[:k]
+        finish, stop_cut, stopped = "stop", True, False
+    content, malformed = returned, 0
     calls: list[dict[str, Any]] = []
-    malformed = 0
     if parse_tools:
-        parsed = parse_tool_calls(returned)
-        malformed = sum(c.error is not None for c in parsed)
-        valid = iter([c for c in parsed if c.error is None])
-
-        def strip_valid(m: re.Match[str]) -> str:
-            call = parse_tool_calls(m.group(0))
-            return "" if call and call[0].error is None else m.group(0)
-
-        content = _BLOCK.sub(strip_valid, returned).strip()
-        for k, call in enumerate(valid):
-            calls.append(
-                {
-                    "id": f"{call_id_prefix}_{k}",
-                    "type": "function",
-                    "function": {
-                        "name": call.name,
-                        "arguments": json.dumps(call.arguments, ensure_ascii=False),
-                    },
-                }
-            )
+        content, calls, malformed = _openai_tool_calls(returned, call_id_prefix)
     message: Message = {"role": "assistant", "content": content or None}
     if calls:
         message["tool_calls"] = calls
@@ -224,3 +196,43 @@ __all__ = [
     "normalise",
     "tools_key",
 ]
+
+
+def _cut_at_stop(
+    tokenizer: PreTrainedTokenizerBase, body: list[int], text: str, stop: Sequence[str]
+) -> tuple[int, str, str] | None:
+    """Where the first stop string ends the turn: ``(ids kept, their text, the text returned)``
+    (the shortest prefix of ids whose text contains it), or ``None``."""
+    hits = [(text.find(s), s) for s in stop if s in text]
+    if not hits:
+        return None
+    _, s = min(hits)
+    for k in range(1, len(body) + 1):
+        prefix = str(tokenizer.decode(body[:k], skip_special_tokens=False))
+        if s in prefix:
+            return k, prefix, prefix[: prefix.find(s)]
+    return len(body), text, text[: text.find(s)]
+
+
+def _openai_tool_calls(text: str, call_id_prefix: str) -> tuple[str, list[dict[str, Any]], int]:
+    """``(content without the well-formed call blocks, OpenAI tool_calls, malformed count)``."""
+    parsed = parse_tool_calls(text)
+    malformed = sum(c.error is not None for c in parsed)
+
+    def strip_valid(m: re.Match[str]) -> str:
+        call = parse_tool_calls(m.group(0))
+        return "" if call and call[0].error is None else m.group(0)
+
+    content = TOOL_CALL_RE.sub(strip_valid, text).strip()
+    calls = [
+        {
+            "id": f"{call_id_prefix}_{k}",
+            "type": "function",
+            "function": {
+                "name": call.name,
+                "arguments": json.dumps(call.arguments, ensure_ascii=False),
+            },
+        }
+        for k, call in enumerate(c for c in parsed if c.error is None)
+    ]
+    return content, calls, malformed

@@ -1,7 +1,7 @@
 """Training on an agent we did not write: its episodes, recorded by the rollout server, as batches.
 
-:class:`AgentRolloutSource` is the trainer's rollout source for bring-your-own agents (it has the
-same five methods as :class:`~mtrl_local.train.rollouts.RolloutSource`). Each step it
+:class:`AgentBatchSource` is the trainer's batch source for bring-your-own agents (it has the
+same five methods as :class:`~mtrl_local.train.batch_source.EngineBatchSource`). Each step it
 
 1. picks the step's cases and assigns ``num_generations`` episodes to each (group = case), with
    ids the agent will send back;
@@ -20,158 +20,68 @@ while the weights change.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
-import shlex
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import torch
 from transformers import PreTrainedModel
 
+from mtrl_local import metrics as M
 from mtrl_local.errors import UserError
-from mtrl_local.rollout.backend import GenerationBackend, SamplingParams
-from mtrl_local.rollout.transformers_backend import TransformersBackend
+from mtrl_local.rollout.sampler import Sampler, SamplingParams
+from mtrl_local.rollout.transformers_sampler import TransformersSampler
+from mtrl_local.scoring import Scorer
+from mtrl_local.server.agents import AgentContext, AgentFunction, AgentRun
 from mtrl_local.server.app import RolloutServer
 from mtrl_local.server.episodes import FAILED, EpisodeRecord
-from mtrl_local.train.rollouts import CasePicker, RolloutBatch
-
-if TYPE_CHECKING:
-    from mtrl_local.train.trainer import Trainer
+from mtrl_local.task import Task
+from mtrl_local.train.batch_source import CasePicker, StepBatch, step_seed
+from mtrl_local.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AgentContext:
-    """What a Python-function agent gets (a command agent: the same, as environment variables)."""
-
-    base_url: str
-    api_key: str
-    episode_id: str
-    task: str
-    case_id: str
-    split: str
-    group_id: str
-    sample_index: int
-    seed: int
-    max_turns: int
-    max_tokens: int
-
-    def env(self) -> dict[str, str]:
-        """The environment variables of a command agent."""
-        return {
-            "OPENAI_BASE_URL": self.base_url,
-            "OPENAI_API_KEY": self.api_key,
-            "MTRL_EPISODE_ID": self.episode_id,
-            "MTRL_TASK": self.task,
-            "MTRL_CASE_ID": self.case_id,
-            "MTRL_SPLIT": self.split,
-            "MTRL_GROUP_ID": self.group_id,
-            "MTRL_SAMPLE_INDEX": str(self.sample_index),
-            "MTRL_SEED": str(self.seed),
-            "MTRL_MAX_TURNS": str(self.max_turns),
-            "MTRL_MAX_TOKENS": str(self.max_tokens),
-        }
-
-
-AgentFunction = Callable[[AgentContext], Any]
-
-
-def resolve_agent(agent: str | AgentFunction) -> list[str] | AgentFunction:
-    """``module:function`` → that function; anything else is a command line (shell-split)."""
-    if callable(agent):
-        return agent
-    module, sep, attr = agent.partition(":")
-    if sep and " " not in agent and "/" not in module and not module.endswith(".py"):
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise UserError(f"agent '{agent}': cannot import it ({exc})") from None
-        if not callable(fn):
-            raise UserError(f"agent '{agent}' is not callable")
-        return cast(AgentFunction, fn)
-    argv = shlex.split(agent)
-    if not argv:
-        raise UserError("agent command is empty")
-    if argv[0] in ("python", "python3"):
-        argv[0] = sys.executable  # the trainer's interpreter: same venv, same packages
-    return argv
-
-
-class _Run:
-    """One launched agent episode."""
-
-    def __init__(self, ctx: AgentContext) -> None:
-        self.ctx = ctx
-        self.started = time.monotonic()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.future: Future[Any] | None = None
-        self.log: Path | None = None
-        self.reported_at: float | None = None
-
-    def exited(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is not None
-        return self.future is not None and self.future.done()
-
-    def why_failed(self) -> str:
-        if self.proc is not None:
-            tail = ""
-            if self.log is not None and self.log.is_file():
-                lines = self.log.read_text(errors="replace").strip().splitlines()
-                tail = f" (last output: {lines[-1][:200]})" if lines else ""
-            return f"agent exited with code {self.proc.returncode} without a reward{tail}"
-        exc = self.future.exception() if self.future is not None else None
-        if exc is not None:
-            return f"agent raised {type(exc).__name__}: {exc}"
-        return "agent returned without a reward"
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
-class AgentRolloutSource:
-    """Produces :class:`RolloutBatch` es from an external agent's episodes (module docstring)."""
+class AgentBatchSource:
+    """Produces :class:`StepBatch` es from an external agent's episodes (module docstring)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         tokenizer: Any,
-        task: Any,
+        task: Task,
         *,
-        agent: str | AgentFunction,
+        agent: list[str] | AgentFunction,
         n_samples: int,
         sampling: SamplingParams,
         max_turns: int,
+        scorer: Scorer,
         pick_cases: CasePicker,
-        seed_for_step: Callable[[int], int],
+        seed: int,
         device: torch.device,
         max_batch: int,
         workers: int = 8,
-        backend: GenerationBackend | None = None,
+        sampler: Sampler | None = None,
         log_dir: Path | None = None,
         idle_timeout_s: float = 120.0,
         episode_timeout_s: float = 900.0,
         agent_env: Mapping[str, str] | None = None,
     ) -> None:
-        self.agent = resolve_agent(agent)
+        #: A command line (run in a subprocess) or a function (run on a thread).
+        self.agent = agent
         self.task = task
         self.n_samples = n_samples
         self.sampling = sampling
         self.max_turns = max_turns
+        self.scorer = scorer
         self.pick_cases = pick_cases
-        self.seed_for_step = seed_for_step
+        self.seed = seed
         self.workers = max(1, workers)
         self.log_dir = log_dir
         self.idle_timeout_s = idle_timeout_s
@@ -179,12 +89,12 @@ class AgentRolloutSource:
         self.agent_env = dict(agent_env or {})
         #: Stale batches dropped (always 0: this source is synchronous).
         self.dropped = 0
-        self._shared = backend is None
-        self.backend: GenerationBackend = backend or TransformersBackend(
+        self._shared = sampler is None
+        self.sampler: Sampler = sampler or TransformersSampler(
             cast(PreTrainedModel, model), tokenizer, device=device, max_batch=max_batch
         )
         self.server = RolloutServer(
-            self.backend,
+            self.sampler,
             tokenizer,
             sampling=sampling,
             max_batch=max_batch,
@@ -201,25 +111,26 @@ class AgentRolloutSource:
         #: Per-step agent counters, summed over the run (logged as ``agent/*``).
         self.totals: Counter[str] = Counter()
 
-    # -- the RolloutSource interface -------------------------------------------------------------
+    # -- the BatchSource interface --------------------------------------------------------------
     def start(self, data_position: int, epoch: int, step: int, policy_version: int) -> None:
         self._position = (data_position, epoch)
         self._step = step
-        self.backend.policy_version = policy_version
+        self.sampler.policy_version = policy_version
 
-    def next_batch(self, step: int) -> RolloutBatch:
+    def next_batch(self, step: int) -> StepBatch:
         """Run one step's episodes through the agent and return what the server recorded."""
         started = time.perf_counter()
         position, epoch = self._position
         cases, position, epoch = self.pick_cases(position, epoch)
-        seed = self.seed_for_step(self._step)
+        seed = step_seed(self.seed, self._step)
         self.server.sampling = replace(self.sampling, seed=seed)
         contexts = self._assign(cases, seed)
         counts = self._run_agents(contexts)
         self.server.batcher.pause()  # nothing generates while the trainer updates the weights
         trajectories = []
         for ctx in contexts:
-            traj = self.server.registry.trajectory(ctx.episode_id, self.backend.policy_version)
+            version = self.sampler.policy_version
+            traj = self.server.registry.trajectory(ctx.episode_id, version, self.scorer)
             trajectories.append(traj)
             self.server.registry.forget(ctx.episode_id)
         self._position = (position, epoch)
@@ -238,29 +149,29 @@ class AgentRolloutSource:
             ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "none",
             wall,
         )
-        batch = RolloutBatch(
+        batch = StepBatch(
             trajectories=trajectories,
-            policy_version=self.backend.policy_version,
+            policy_version=self.sampler.policy_version,
             data_position=position,
             epoch=epoch,
             wall_s=wall,
             new_tokens=sum(s.n_tokens for t in trajectories for s in t.turns),
         )
         batch.metrics = {
-            "agent/failed_frac": failed / max(len(trajectories), 1),
-            "agent/history_mismatch": float(mismatches),
-            "agent/timeouts": float(counts.get("timeouts", 0)),
-            "agent/crashes": float(counts.get("crashes", 0)),
+            M.AGENT_FAILED_FRAC: failed / max(len(trajectories), 1),
+            M.AGENT_HISTORY_MISMATCH: float(mismatches),
+            M.AGENT_TIMEOUTS: float(counts.get("timeouts", 0)),
+            M.AGENT_CRASHES: float(counts.get("crashes", 0)),
         }
         return batch
 
     def update_weights(self, model: torch.nn.Module, version: int) -> None:
         """After an optimizer step: drop caches made with the old weights, then serve again."""
         if self._shared:
-            cast(TransformersBackend, self.backend).invalidate(version)
+            cast(TransformersSampler, self.sampler).invalidate(version)
         else:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            self.backend.load_state_dict(state, version)
+            self.sampler.load_state_dict(state, version)
         self.server.batcher.resume()
 
     def close(self) -> None:
@@ -304,37 +215,20 @@ class AgentRolloutSource:
                 )
         return contexts
 
-    def _launch(self, ctx: AgentContext) -> _Run:
-        run = _Run(ctx)
+    def _launch(self, ctx: AgentContext) -> AgentRun:
         if callable(self.agent):
             assert self._pool is not None
-            run.future = self._pool.submit(self.agent, ctx)
-            return run
-        env = {**os.environ, **self.agent_env, **ctx.env()}
-        out: Any = subprocess.DEVNULL
+            return AgentRun.in_thread(self._pool, self.agent, ctx)
+        log = None
         if self.log_dir is not None:
-            folder = self.log_dir / f"step-{self._step:05d}"
-            folder.mkdir(parents=True, exist_ok=True)
-            run.log = folder / f"{ctx.episode_id}.log"
-            out = run.log.open("wb")
-        try:
-            run.proc = subprocess.Popen(
-                self.agent, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        except OSError as exc:
-            raise UserError(
-                f"agent command {shlex.join(self.agent)!r} failed to start: {exc}"
-            ) from None
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()
-        return run
+            log = self.log_dir / f"step-{self._step:05d}" / f"{ctx.episode_id}.log"
+        return AgentRun.in_process(self.agent, ctx, {**os.environ, **self.agent_env}, log)
 
     def _run_agents(self, contexts: list[AgentContext]) -> Counter[str]:
         """Launch, watch and reap every episode's agent; returns the step's counters."""
         registry = self.server.registry
         pending = list(contexts)
-        running: list[_Run] = []
+        running: list[AgentRun] = []
         counts: Counter[str] = Counter()
         try:
             while pending or running:
@@ -346,7 +240,7 @@ class AgentRolloutSource:
                     logger.warning(
                         "episode %s: no request or report for %.0fs", i, self.idle_timeout_s
                     )
-                still: list[_Run] = []
+                still: list[AgentRun] = []
                 now = time.monotonic()
                 for run in running:
                     rec = registry.get(run.ctx.episode_id)
@@ -380,27 +274,27 @@ class AgentRolloutSource:
 
 
 def agent_source_factory(
-    agent: str | AgentFunction,
+    agent: list[str] | AgentFunction,
     *,
     workers: int | None = None,
     idle_timeout_s: float = 120.0,
     episode_timeout_s: float = 900.0,
-    backend: GenerationBackend | None = None,
+    sampler: Sampler | None = None,
     agent_env: Mapping[str, str] | None = None,
-) -> Callable[[Trainer], AgentRolloutSource]:
+) -> Callable[[Trainer], AgentBatchSource]:
     """What ``Trainer(..., source_factory=…)`` takes to train ``agent`` instead of a built-in env.
 
     ``workers`` defaults to one agent per episode of the step (all of a step's episodes at once,
     which is what lets the server batch their requests).
     """
 
-    def build(trainer: Trainer) -> AgentRolloutSource:
+    def build(trainer: Trainer) -> AgentBatchSource:
         cfg = trainer.cfg
         if cfg.async_config.max_steps_off_policy != 0:
             raise UserError(
                 "agent training is synchronous: set async_config.max_steps_off_policy=0"
             )
-        return AgentRolloutSource(
+        return AgentBatchSource(
             trainer.model,
             trainer.tokenizer,
             trainer.task,
@@ -408,13 +302,14 @@ def agent_source_factory(
             n_samples=cfg.num_generations,
             sampling=trainer.sampling,
             max_turns=trainer.max_turns,
-            pick_cases=trainer.pick_cases,
-            seed_for_step=lambda step: cfg.seed * 1_000_003 + step,
+            scorer=trainer.scorer,
+            pick_cases=trainer.schedule.pick,
+            seed=cfg.seed,
             device=trainer.device,
             max_batch=cfg.per_device_train_batch_size,
             workers=workers or cfg.per_device_train_batch_size,
-            backend=backend,
-            log_dir=trainer.run_dir / "agents",
+            sampler=sampler,
+            log_dir=trainer.run.agent_logs,
             idle_timeout_s=idle_timeout_s,
             episode_timeout_s=episode_timeout_s,
             agent_env=agent_env,
@@ -423,4 +318,4 @@ def agent_source_factory(
     return build
 
 
-__all__ = ["AgentContext", "AgentRolloutSource", "agent_source_factory", "resolve_agent"]
+__all__ = ["AgentBatchSource", "AgentContext", "AgentFunction", "agent_source_factory"]

@@ -12,21 +12,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from mtrl_local.config import MultiTurnRLConfig
-from mtrl_local.server.source import AgentFunction, AgentRolloutSource, agent_source_factory
+from mtrl_local.server.source import AgentBatchSource, AgentFunction, agent_source_factory
+from mtrl_local.train.pipeline import RunInputs
+from mtrl_local.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-REPORT_FILE = "final_report.json"
 
 
 def run_agent_pipeline(
     cfg: MultiTurnRLConfig,
-    agent: str | AgentFunction,
+    inputs: RunInputs,
+    agent: list[str] | AgentFunction,
     *,
     run_dir: Path | None = None,
     resume: bool = False,
@@ -35,29 +35,36 @@ def run_agent_pipeline(
     episode_timeout_s: float = 900.0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train ``agent`` (a command line or ``module:function``) with ``cfg``; returns the report."""
-    from mtrl_local.train.trainer import Trainer
-
+    """Train ``agent`` (a command line or a function) with ``cfg``; returns the report."""
     factory = agent_source_factory(
         agent, workers=workers, idle_timeout_s=idle_timeout_s, episode_timeout_s=episode_timeout_s
     )
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress, source_factory=factory)
+    trainer = Trainer(
+        cfg,
+        inputs.task,
+        inputs.reward_fn,
+        inputs.model_path,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        scorer=inputs.scorer,
+        source_factory=factory,
+    )
     try:
         state = trainer.train()
         source = trainer.source
-        totals = dict(source.totals) if isinstance(source, AgentRolloutSource) else {}
+        totals = dict(source.totals) if isinstance(source, AgentBatchSource) else {}
         report: dict[str, Any] = {
             "run_dir": str(trainer.run_dir),
-            "task": cfg.task,
-            "agent": agent if isinstance(agent, str) else getattr(agent, "__name__", "agent"),
+            "task": inputs.task.name,
+            "agent": " ".join(agent) if isinstance(agent, list) else agent.__name__,
             "steps": state.step,
             "agent_totals": totals,
-            "config": asdict(cfg),
+            "config": cfg.to_dict(),
         }
         report["final_model"] = str(trainer.export())
-        path = trainer.run_dir / REPORT_FILE
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        trainer.tracker.log_artifact(path)
+        trainer.run.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        trainer.tracker.log_artifact(trainer.run.report)
         return report
     finally:
         trainer.close()

@@ -1,4 +1,4 @@
-"""Sequence-extension training batches (DESIGN.md §3).
+"""Sequence-extension training batches (docs/design.md, "Trajectories").
 
 A whole multi-turn trajectory is ONE training sequence: turn k's context is the prefix of turn
 k+1, so the cost grows with the trajectory length L, not with turns × L. The loss mask is 1 only on

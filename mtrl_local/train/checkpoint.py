@@ -21,8 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 
 from mtrl_local.errors import UserError
+from mtrl_local.train.distributed import is_sharded, load_optimizer_state
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +62,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
 def save_checkpoint(
-    run_dir: Path,
+    root: Path,
     state: TrainState,
     model: torch.nn.Module,
     optimizer_state: dict[str, Any],
@@ -73,12 +72,11 @@ def save_checkpoint(
     *,
     sharded: bool = False,
 ) -> Path:
-    """Write ``checkpoints/step-NNNNNN`` atomically; keep the newest ``keep`` of them.
+    """Write ``root/step-NNNNNN`` atomically; keep the newest ``keep`` of them.
 
     ``model`` holds the weights to save (whole, not sharded); ``optimizer_state`` is
     :func:`mtrl_local.train.distributed.optimizer_state` (``sharded``: keyed by parameter name,
     written by an FSDP run, which only an FSDP run can load)."""
-    root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{state.step:06d}"
     tmp = root / f".tmp-{PREFIX}{state.step:06d}-{os.getpid()}"
@@ -100,22 +98,21 @@ def save_checkpoint(
     if final.exists():  # a rerun of the same step after a resume
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in list_checkpoints(run_dir)[:-keep]:
+    for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("checkpoint saved: %s", final)
     return final
 
 
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary leftovers of a killed save are ignored)."""
-    root = checkpoint_dir(run_dir)
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints in ``root``, oldest first (leftovers of a killed save are ignored)."""
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
     return found[-1] if found else None
 
 
@@ -125,13 +122,9 @@ def load_train_state(path: Path) -> TrainState:
 
 def restore_weights(path: Path, model: torch.nn.Module) -> None:
     """Load the weights (adapter or whole model) of checkpoint ``path`` into an unsharded model."""
-    from safetensors.torch import load_file
-
     model_dir = path / "model"
     weights = model_dir / "adapter_model.safetensors"
     if weights.exists():
-        from peft import set_peft_model_state_dict
-
         set_peft_model_state_dict(model, load_file(str(weights)))
         return
     state = load_file(str(model_dir / "model.safetensors"))
@@ -147,8 +140,6 @@ def restore_training(
 ) -> TrainState:
     """Load optimizer, scheduler and RNG states from ``path`` (the weights are loaded first, by
     :func:`restore_weights`); returns the train state."""
-    from mtrl_local.train.distributed import is_sharded, load_optimizer_state
-
     optim = torch.load(path / "optim.pt", weights_only=False)
     layout = optim.get("layout", "plain")
     wanted = "fsdp" if is_sharded(model) else "plain"

@@ -34,6 +34,8 @@ from typing import Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 
+from mtrl_local.model_io import resolve_device
+
 T = TypeVar("T")
 
 
@@ -76,13 +78,11 @@ def setup(cpu: bool) -> DistInfo:
 
 
 def device_for(info: DistInfo) -> torch.device:
-    """CUDA device ``LOCAL_RANK`` under several processes, ``cuda``/``cpu`` otherwise."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if info.active:
+    """CUDA device ``LOCAL_RANK`` under several processes, else ``auto`` (CUDA or the CPU)."""
+    if info.active and torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
-    return torch.device("cuda")
+    return resolve_device("auto")
 
 
 def broadcast(info: DistInfo, value: T) -> T:

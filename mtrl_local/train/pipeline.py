@@ -1,4 +1,4 @@
-"""The whole loop of DESIGN.md §1 in one call (what ``make train`` runs).
+"""The whole loop in one call (what ``make train`` runs), on objects it is handed.
 
 baseline evaluation of the base model on the held-out test split → training (with strict val
 evaluations every ``eval_steps``) → final evaluation of the tuned model on test, beside the base
@@ -10,26 +10,35 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mtrl_local.config import MultiTurnRLConfig
-from mtrl_local.trajectory import Trajectory
+from mtrl_local.evaluate import EvalReport, ModelResult, write_trajectories
+from mtrl_local.scoring import RewardFn, Scorer, strict_score
+from mtrl_local.task import Task
+from mtrl_local.train import distributed as dd
+from mtrl_local.train.setup import machine_record
+from mtrl_local.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-REPORT_FILE = "final_report.json"
 
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run is made of, as objects (the CLI resolves them from the config's names)."""
 
-def _write_rollouts(path: Path, trajectories: list[Trajectory]) -> None:
-    from mtrl_local.rollouts import write_rollouts
-
-    write_rollouts(path, [t.to_json() for t in trajectories if t.messages])
+    task: Task
+    reward_fn: RewardFn
+    model_path: Path
+    scorer: Scorer = strict_score
 
 
 def run_pipeline(
     cfg: MultiTurnRLConfig,
+    inputs: RunInputs,
     *,
     run_dir: Path | None = None,
     resume: bool = False,
@@ -42,64 +51,78 @@ def run_pipeline(
     Under ``accelerate launch`` every process trains; only process 0 evaluates, writes and
     returns the report (the others return ``{}`` once it is done).
     """
-    from mtrl_local.evaluate import EvalReport, ModelResult
-    from mtrl_local.train import distributed as dd
-    from mtrl_local.train.trainer import Trainer
-
-    trainer = Trainer(cfg, run_dir, resume=resume, progress=progress)
-    if not trainer.dist.main:
-        try:
+    trainer = Trainer(
+        cfg,
+        inputs.task,
+        inputs.reward_fn,
+        inputs.model_path,
+        run_dir=run_dir,
+        resume=resume,
+        progress=progress,
+        scorer=inputs.scorer,
+    )
+    try:
+        if not trainer.dist.main:
             dd.barrier(trainer.dist)  # process 0's baseline
             trainer.train()
             dd.barrier(trainer.dist)  # process 0's final evaluation and export
             return {}
-        finally:
-            trainer.close()
-    try:
-        store = trainer.store
-        base_summary: dict[str, Any] | None = None
-        stored = store.evaluations(split="test", label="base")
-        if stored:
-            base_summary = dict(stored[-1].report)
-        elif baseline:
-            logger.info("baseline: base model on the test split")
-            summary = trainer.evaluate("test", label="base")
-            trajectories = summary.pop("trajectories")
-            _write_rollouts(trainer.run_dir / "rollouts-base-test.jsonl", trajectories)
-            store.add_evaluation(0, "test", "base", summary)
-            base_summary = summary
-            if summary.get("tsr", 0.0) == 0.0:
-                logger.warning(
-                    "the base model scores 0 on test: RL amplifies what the model can already do "
-                    "— simplify the task or warm-start the model first (DESIGN.md §1.4)"
-                )
+        base = _baseline(trainer) if baseline else _stored_baseline(trainer)
         dd.barrier(trainer.dist)
         state = trainer.train()
         report: dict[str, Any] = {
             "run_dir": str(trainer.run_dir),
-            "task": cfg.task,
+            "task": inputs.task.name,
             "steps": state.step,
-            "config": asdict(cfg),
+            "config": cfg.to_dict(),
+            "machine": machine_record(),
         }
         if final_eval:
-            logger.info("final evaluation: tuned model on the test split")
-            tuned = trainer.evaluate("test", label="tuned")
-            trajectories = tuned.pop("trajectories")
-            _write_rollouts(trainer.run_dir / "rollouts-tuned-test.jsonl", trajectories)
-            store.add_evaluation(state.step, "test", "tuned", tuned)
-            results = []
-            if base_summary is not None:
-                results.append(ModelResult("base", cfg.model, base_summary))
-            results.append(ModelResult("tuned", str(trainer.run_dir / "final_model"), tuned))
-            eval_report = EvalReport(cfg.task, "test", asdict(cfg.val_sampling_params), results)
-            eval_report.save(trainer.run_dir / "eval_test.json")
-            report["test"] = {r.label: r.summary for r in results}
-            trainer.tracker.log_artifact(trainer.run_dir / "eval_test.json")
+            report["test"] = _final_evaluation(trainer, base, cfg.model)
         report["final_model"] = str(trainer.export())
-        path = trainer.run_dir / REPORT_FILE
-        path.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        trainer.tracker.log_artifact(path)
+        trainer.run.report.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        trainer.tracker.log_artifact(trainer.run.report)
         dd.barrier(trainer.dist)
         return report
     finally:
         trainer.close()
+
+
+def _stored_baseline(trainer: Trainer) -> dict[str, Any] | None:
+    stored = trainer.store.evaluations(split="test", label="base")
+    return dict(stored[-1].report) if stored else None
+
+
+def _baseline(trainer: Trainer) -> dict[str, Any]:
+    """The base model on the test split (read back from the store when resuming)."""
+    stored = _stored_baseline(trainer)
+    if stored is not None:
+        return stored
+    logger.info("baseline: base model on the test split")
+    summary, trajectories = trainer.evaluate("test")
+    write_trajectories(trainer.run.test_rollouts("base"), trajectories)
+    trainer.store.add_evaluation(0, "test", "base", summary)
+    if summary.get("tsr", 0.0) == 0.0:
+        logger.warning(
+            "the base model scores 0 on test: RL amplifies what the model can already do "
+            "— simplify the task or warm-start the model first"
+        )
+    return summary
+
+
+def _final_evaluation(
+    trainer: Trainer, base: Mapping[str, Any] | None, base_model: str
+) -> dict[str, Any]:
+    """The tuned model on the test split, beside the base: ``eval_test.json``."""
+    logger.info("final evaluation: tuned model on the test split")
+    tuned, trajectories = trainer.evaluate("test")
+    write_trajectories(trainer.run.test_rollouts("tuned"), trajectories)
+    trainer.store.add_evaluation(trainer.state.step, "test", "tuned", tuned)
+    results = []
+    if base is not None:
+        results.append(ModelResult("base", base_model, dict(base)))
+    results.append(ModelResult("tuned", str(trainer.run.final_model), tuned))
+    config = {**asdict(trainer.eval_config("test")), "task": trainer.task.name}
+    EvalReport(trainer.task.name, "test", config, results).save(trainer.run.test_report)
+    trainer.tracker.log_artifact(trainer.run.test_report)
+    return {r.label: r.summary for r in results}

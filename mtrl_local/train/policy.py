@@ -16,36 +16,28 @@ from pathlib import Path
 from typing import cast
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoModelForCausalLM,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.errors import UserError
+from mtrl_local.model_io import load_model
+from mtrl_local.train.distributed import shard_model
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_model_path(spec: str, progress: bool = True) -> Path:
-    """``default`` → the embedded model (built on first use); otherwise a local HF directory."""
-    if spec == "default":
-        from mtrl_local.models.default import default_model_path
-
-        return default_model_path(build=True, progress=progress)
-    path = Path(spec)
-    if not (path / "config.json").is_file():
-        raise UserError(f"model '{spec}': not a model directory (no config.json)")
-    return path
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_policy(
     cfg: MultiTurnRLConfig, path: Path, device: torch.device
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The trainable policy (peft-wrapped when ``lora_rank > 0``) and its tokenizer."""
-    from mtrl_local.models.default import load_model
-
+    if not (Path(path) / "config.json").is_file():
+        raise UserError(f"model '{path}': not a model directory (no config.json)")
     if cfg.load_in_4bit:
         if device.type != "cuda":
             raise UserError("config: load_in_4bit needs CUDA (bitsandbytes); none is available")
@@ -55,8 +47,6 @@ def load_policy(
     if cfg.load_in_4bit:  # pragma: no cover - CUDA only
         model = _reload_4bit(path)
     if cfg.lora_rank > 0:
-        from peft import LoraConfig, get_peft_model
-
         present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
         targets = [t for t in cfg.lora_target_modules if t in present]
         if not targets:
@@ -77,8 +67,6 @@ def load_policy(
 
 
 def _reload_4bit(path: Path) -> PreTrainedModel:  # pragma: no cover - CUDA only
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     quant = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
     )
@@ -86,7 +74,7 @@ def _reload_4bit(path: Path) -> PreTrainedModel:  # pragma: no cover - CUDA only
 
 
 class Reference:
-    """Logprobs of the reference policy for the KL term (DESIGN.md §6)."""
+    """The reference policy of the KL term: the adapter disabled, or a frozen copy."""
 
     def __init__(self, model: torch.nn.Module, lora: bool) -> None:
         self.lora = lora
@@ -100,8 +88,6 @@ class Reference:
     def shard(self) -> None:
         """Shard the frozen copy like the policy (FSDP); the LoRA reference is the policy."""
         if self._frozen is not None:
-            from mtrl_local.train.distributed import shard_model
-
             shard_model(self._frozen)
 
     @contextlib.contextmanager

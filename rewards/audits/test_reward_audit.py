@@ -1,6 +1,6 @@
 """The built-in reward audit set: one test per property of a reward that is safe to train with.
 
-Run it on a task and a reward before training (DESIGN.md §1.5)::
+Run it on a task and a reward before training (docs/design.md, "The loop")::
 
     pytest -p no:cacheprovider --pyargs rewards.audits --audit-task aircraft_inspection \\
         [--audit-reward MODULE:FUNCTION] [--audit-rollouts FILE]

@@ -32,8 +32,7 @@ from sopbench.aircraft_inspection.rules import (
     voltage_ok,
     weight_within_tolerance,
 )
-from sopbench.base import Answer, Call, Case, Noise, Policy, Task, parse_json
-from sopbench.registry import register
+from sopbench.base import Answer, Call, Case, ExpertProgram, Noise, Task, parse_json
 
 SOP = resources.files(__package__).joinpath("sop.md").read_text(encoding="utf-8")
 
@@ -380,7 +379,6 @@ def _voltage_ok(reading: Any, minimum: Any) -> bool:
     return voltage_ok(tenths(reading), tenths(minimum))
 
 
-@register
 class AircraftInspection(Task):
     """Pre-flight airworthiness: identification, mechanical and electrical checks, reports."""
 
@@ -409,13 +407,11 @@ class AircraftInspection(Task):
         """The early-stopping expert's answer: the usual verdicts, never self-contradictory.
 
         The generic guess (each field's most common value) says "pass, pass, consistent" with
-        ``aircraft_ready: false`` (each field's majority alone), which contradicts SOP step 6:
-        ready means all three pass. Measured on the 900 aircraft demonstrations of the default
-        model's build: 89 early answers, so 84 of the 339 all-pass answers said "not ready"; the
-        model trained on them answered ``false`` in every one of 83 answered test cases. Here
-        ``aircraft_ready`` follows the guessed verdicts, and the tail number is that of the
-        aircraft the expert is inspecting (the generic guess wrote one fixed tail number into
-        each early answer, which teaches reciting instead of copying).
+        ``aircraft_ready: false`` (each field's majority alone), which contradicts SOP step 6: ready
+        means all three pass, and a model trained on such answers learns to contradict itself
+        (docs/results.md). Here ``aircraft_ready`` follows the guessed verdicts, and the tail number
+        is that of the aircraft the expert is inspecting (the generic guess wrote one fixed tail
+        number into each early answer, which teaches reciting instead of copying).
         """
         guess = dict(self._majority_answer())
         guess["tail_number"] = case.inputs["tail_number"]
@@ -434,7 +430,7 @@ class AircraftInspection(Task):
         case_id = f"{self.name}-mix-{index}"
         return Case(self.name, case_id, a.split, inputs, rules.ground_truth(case_id, inputs))
 
-    def reference_policy(self, case: Case, noise: Noise) -> Policy:
+    def expert(self, case: Case, noise: Noise) -> ExpertProgram:
         """Walk the SOP reading only tool results; with noise, skip checks and misread values."""
         arg = {"aircraft_id": case.inputs["aircraft_id"]}
         reg = parse_json((yield Call("lookup_aircraft", arg))) or {}

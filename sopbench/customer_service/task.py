@@ -5,10 +5,10 @@ session token it was given, then runs the billing, outage and diagnostic checks 
 possibly one remote fix and an escalation. Tools return raw observations (balances, incidents,
 line measurements); the verdict follows only from the SOP's rules, so the agent has to apply them.
 
-Why a sandbox (DESIGN.md §2, stateful tools): sessions, tickets, diagnostic runs and escalations
-are created by the agent's own calls and must vanish at the end of the episode. The session token
-is drawn from the episode's seeded rng (it changes with the seed and is not scored); the ticket id
-is derived from the case alone, so the ground truth never depends on the seed.
+Why a sandbox (docs/design.md, "Environments": stateful tools): sessions, tickets, diagnostic runs
+and escalations are created by the agent's own calls and must vanish at the end of the episode. The
+session token is drawn from the episode's seeded rng (it changes with the seed and is not scored);
+the ticket id is derived from the case alone, so the ground truth never depends on the seed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any, ClassVar, Literal
 
 from mtrl_local.env import SandboxEnvironment, ToolError, tool
-from sopbench.base import Answer, Call, Case, Noise, Policy, Task, parse_json
+from sopbench.base import Answer, Call, Case, ExpertProgram, Noise, Task, parse_json
 from sopbench.customer_service.cases import (
     INACTIVE_STATUSES,
     NO_TICKET,
@@ -33,7 +33,6 @@ from sopbench.customer_service.cases import (
     outage_applies,
     ticket_id_for,
 )
-from sopbench.registry import register
 
 SOP = resources.files("sopbench.customer_service").joinpath("sop.md").read_text(encoding="utf-8")
 
@@ -245,7 +244,6 @@ class SupportDesk(SandboxEnvironment):
 
 
 # -- the task ------------------------------------------------------------------------------------
-@register
 class CustomerService(Task):
     """ISP support desk: account checks, authentication, a ticket and the fault-finding SOP."""
 
@@ -268,7 +266,7 @@ class CustomerService(Task):
     def check_inputs(self, inputs: dict[str, Any]) -> str | None:
         return check_case_inputs(inputs)
 
-    def reference_policy(self, case: Case, noise: Noise) -> Policy:
+    def expert(self, case: Case, noise: Noise) -> ExpertProgram:
         """The scripted agent: what it knows comes from the customer's message and tool results."""
         request = case.inputs["request"]  # exactly what the user turn shows
         account_id, service = request["account_id"], request["service"]

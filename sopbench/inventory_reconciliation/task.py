@@ -1,4 +1,5 @@
-"""Inventory cycle-count reconciliation: the verifiable task on the SQLite pattern (DESIGN.md §2).
+"""Inventory cycle-count reconciliation: the verifiable task on the SQLite pattern (docs/design.md,
+"Environments").
 
 Each case is one warehouse's cycle count with a small inventory database (products, a ledger of
 signed stock movements, cycle counts across two or three warehouses). The agent answers by querying
@@ -20,9 +21,8 @@ from importlib import resources
 from typing import Any
 
 from mtrl_local.env import SQLiteEnvironment, ToolError, stable_seed, tool
-from sopbench.base import Answer, Call, Case, Noise, Policy, Task, parse_json
+from sopbench.base import Answer, Call, Case, ExpertProgram, Noise, Task, parse_json
 from sopbench.inventory_reconciliation.cases import COLUMNS, generate_inputs, input_problem
-from sopbench.registry import register
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +254,6 @@ class InventoryEnvironment(SQLiteEnvironment):
 
 
 # -- the task -------------------------------------------------------------------------------------
-@register
 class InventoryReconciliation(Task):
     """Reconcile one warehouse's cycle count against its stock ledger, by SQL."""
 
@@ -283,7 +282,7 @@ class InventoryReconciliation(Task):
     def check_inputs(self, inputs: dict[str, Any]) -> str | None:
         return input_problem(inputs)
 
-    def reference_policy(self, case: Case, noise: Noise) -> Policy:
+    def expert(self, case: Case, noise: Noise) -> ExpertProgram:
         """List the tables, read the per-SKU worksheet, then the one-row summary; answer from them.
 
         A ``skip_step`` slip drops one SOP rule from the SQL the expert writes (pending rows

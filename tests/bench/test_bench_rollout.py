@@ -18,7 +18,7 @@ Measured in one run, on ``aircraft_inspection`` cases:
 * engine: ``N_EPISODES`` concurrent episodes (one ``generate`` call per turn, KV reuse on);
 * ceiling: one batched ``model.generate`` at the same batch, a prompt of the same length, the same
   number of new tokens per row as an episode samples in total (sampling, ``min_new_tokens``);
-* one at a time: the same engine and backend at ``max_batch=1`` on ``N_SERIAL`` episodes;
+* one at a time: the same engine and sampler at ``max_batch=1`` on ``N_SERIAL`` episodes;
 * KV reuse on vs off on ``N_KV`` episodes (off re-prefills the whole context every turn);
 * the shared prompt (run once, attended to by every row) vs each row holding its own copy, on
   ``N_EPISODES`` episodes.
@@ -39,15 +39,16 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mtrl_local.chat import FINAL_OPEN, TOOL_CALL_OPEN, encode_prompt
-from mtrl_local.models import train_tokenizer
-from mtrl_local.rollout import RolloutEngine, SamplingParams, TransformersBackend
-from sopbench import get_task
+from mtrl_local.chat import encode_prompt
+from mtrl_local.env.actions import FINAL_OPEN, TOOL_CALL_OPEN
+from mtrl_local.plugins import load_task
+from mtrl_local.rollout import RolloutEngine, SamplingParams, TransformersSampler
+from sopbench.default_model.tokenizer import train_tokenizer
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-TASK = get_task("aircraft_inspection")
+TASK = load_task("aircraft_inspection")
 N_EPISODES = int(os.environ.get("MTRL_BENCH_EPISODES", "64"))
 N_SERIAL = int(os.environ.get("MTRL_BENCH_SERIAL", "2"))
 N_KV = int(os.environ.get("MTRL_BENCH_KV", "16"))
@@ -65,7 +66,7 @@ def threads() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def tok() -> PreTrainedTokenizerBase:
-    episodes = [TASK.run_policy(c) for c in TASK.cases("train")[:40]]
+    episodes = [TASK.run_expert(c) for c in TASK.cases("train")[:40]]
     texts = [TASK.sop, *(json.dumps(s) for s in episodes[0].tools)]
     texts += [m["content"] for e in episodes for m in e.messages]
     return train_tokenizer(texts, vocab_size=2048)
@@ -73,7 +74,7 @@ def tok() -> PreTrainedTokenizerBase:
 
 def default_shaped_model(tok: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Random weights in the default model's shape (the built default is not needed here)."""
-    from mtrl_local.models.default import DefaultModelSpec, make_model
+    from sopbench.default_model.spec import DefaultModelSpec, make_model
 
     torch.manual_seed(0)
     return make_model(DefaultModelSpec(), tok).eval()
@@ -112,10 +113,10 @@ def run_engine(
     kv_reuse: bool = True,
     share_prompt: bool = True,
 ) -> dict[str, float]:
-    backend = TransformersBackend(
+    sampler = TransformersSampler(
         model, tok, kv_reuse=kv_reuse, max_batch=max_batch, share_prompt=share_prompt
     )
-    engine = RolloutEngine(backend, tok, max_batch=max_batch, progress=False)
+    engine = RolloutEngine(sampler, tok, max_batch=max_batch, progress=False)
     trajs = engine.run(TASK, TASK.cases("train")[:n], sampling=PARAMS, max_turns=MAX_TURNS)
     assert all(t.n_turns == MAX_TURNS for t in trajs), [t.done_reason for t in trajs]
     s = engine.stats
@@ -125,8 +126,8 @@ def run_engine(
         "tok_s": s.tokens_per_s,
         "calls": s.generate_calls,
         "final_len": max(len(t.input_ids) for t in trajs),
-        "prefill_tokens": backend.stats["prefill_tokens"],
-        "shared_prefix_tokens": backend.stats["shared_prefix_tokens"],
+        "prefill_tokens": sampler.stats["prefill_tokens"],
+        "shared_prefix_tokens": sampler.stats["shared_prefix_tokens"],
     }
 
 

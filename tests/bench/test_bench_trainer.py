@@ -68,7 +68,6 @@ dropped as warm-up, the median of the rest. Threads default to 1 (``MTRL_BENCH_T
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import json
 import logging
@@ -86,19 +85,20 @@ from trl_env import EpisodeLog, trl_environment_class, trl_reward
 
 from mtrl_local.chat import encode_prompt
 from mtrl_local.config import load_config
-from mtrl_local.models import train_tokenizer
-from mtrl_local.models.default import DefaultModelSpec, make_model
-from mtrl_local.models.sft import _optimizer_step
+from mtrl_local.plugins import load_task
 from mtrl_local.train.policy import trainable_parameters
 from mtrl_local.train.trainer import Trainer
 from mtrl_local.train.update import UpdateContext, update_policy
 from mtrl_local.trajectory import Trajectory, TurnSpan
-from sopbench import get_task
+from sopbench.default_model.phase import optimizer_step
+from sopbench.default_model.spec import DefaultModelSpec, make_model
+from sopbench.default_model.tokenizer import train_tokenizer
+from tests.trainer_fixtures import make_trainer
 
 pytestmark = pytest.mark.slow
 logger = logging.getLogger(__name__)
 
-TASK = get_task("aircraft_inspection")
+TASK = load_task("aircraft_inspection")
 STEPS = int(os.environ.get("MTRL_BENCH_STEPS", "5"))
 SFT_STEPS = int(os.environ.get("MTRL_BENCH_SFT_STEPS", "200"))
 PROMPTS = 2
@@ -126,7 +126,7 @@ def threads() -> Iterator[None]:
 # -- the model --------------------------------------------------------------------------------
 def suite_tokenizer() -> PreTrainedTokenizerBase:
     """The rollout benchmark's tokenizer: BPE on the SOP, tool schemas and reference episodes."""
-    episodes = [TASK.run_policy(c) for c in TASK.cases("train")[:40]]
+    episodes = [TASK.run_expert(c) for c in TASK.cases("train")[:40]]
     texts = [TASK.sop, *(json.dumps(s) for s in episodes[0].tools)]
     texts += [m["content"] for e in episodes for m in e.messages]
     return train_tokenizer(texts, vocab_size=2048)
@@ -136,7 +136,7 @@ def warm_up(model: torch.nn.Module, tok: PreTrainedTokenizerBase, steps: int) ->
     """SFT on whole noisy-expert trajectories, one per step, loss on the assistant turns only."""
     rows = []
     for case in TASK.cases("train")[:200]:
-        episode = TASK.run_policy(case, seed=1, noise_rate=0.05)
+        episode = TASK.run_expert(case, seed=1, noise_rate=0.05)
         out = tok.apply_chat_template(
             episode.messages,
             tools=episode.tools,
@@ -157,7 +157,7 @@ def warm_up(model: torch.nn.Module, tok: PreTrainedTokenizerBase, steps: int) ->
     started = time.perf_counter()
     for step in range(steps):
         ids, labels = rows[step % len(rows)]
-        losses.append(_optimizer_step(model, opt, sched, ids, labels))
+        losses.append(optimizer_step(model, opt, sched, ids, labels))
     model.eval()
     tail = losses[-20:] or [float("nan")]
     return {
@@ -177,7 +177,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     """
     given = os.environ.get("MTRL_BENCH_MODEL")
     if given:
-        from mtrl_local.models.default import default_model_path
+        from sopbench.default_model.cache import default_model_path
 
         path = default_model_path(build=False) if given == "default" else Path(given)
         return path, {"steps": 0.0, "seconds": 0.0}
@@ -216,7 +216,7 @@ def mtrl_trainer(model: Path, out: Path, name: str, staleness: int) -> Trainer:
             "mlflow": False,
         },
     )
-    return Trainer(cfg, progress=False)
+    return make_trainer(cfg, progress=False)
 
 
 def run_mtrl(trainer: Trainer) -> dict[str, Any]:
@@ -323,7 +323,7 @@ def timed_update(
         device=trainer.device,
     )
     started = time.perf_counter()
-    cfg = dataclasses.replace(trainer.cfg, share_prefix=share_prefix)
+    cfg = trainer.cfg.model_copy(update={"share_prefix": share_prefix})
     metrics = update_policy(ctx, cfg, trajectories, advantages)
     return time.perf_counter() - started, metrics["train/tokens"]
 
@@ -481,7 +481,7 @@ def test_bench_trainer_vs_trl(
     # The cases the Trainer will train on, in its order: TRL's dataset.
     cases, position, epoch = [], 0, 0
     for _ in range(STEPS):
-        picked, position, epoch = sync_trainer.pick_cases(position, epoch)
+        picked, position, epoch = sync_trainer.schedule.pick(position, epoch)
         cases += picked
     sync = benchmark.pedantic(run_mtrl, args=(sync_trainer,), rounds=1, iterations=1)
     seq_ext = sequence_extension(sync_trainer, sync["batches"])

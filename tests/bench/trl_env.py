@@ -21,8 +21,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from mtrl_local.env import Environment
+from mtrl_local.scoring import RewardResult
 from rewards.dense import dense_reward
-from rewards.types import RewardResult
 
 #: Reward per tool result in :func:`bench_reward` (see there).
 TOOL_RESULT_BONUS = 0.01

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from mtrl_local.rollout.backend import (
+from mtrl_local.rollout.decode import DecodeRows
+from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg, unwrapped
+from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
-    SampleFinish,
     SamplingParams,
     row_seed,
 )
-from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg, unwrapped
 from mtrl_local.rollout.sampling import sample
 from mtrl_local.rollout.shared_prefix import (
     ATTENTION_NAME,
@@ -51,8 +51,27 @@ from mtrl_local.rollout.shared_prefix import (
 logger = logging.getLogger(__name__)
 
 
-class TransformersBackend:
-    """:class:`~mtrl_local.rollout.backend.GenerationBackend` over a transformers causal LM.
+def _check_supported(config: PretrainedConfig) -> str:
+    """The model's attention implementation, if this sampler supports the model."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise NotImplementedError(f"only full-attention decoders are supported: {layer_types}")
+    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        raise NotImplementedError(f"attention implementation {attn!r} is not supported")
+    return str(attn)
+
+
+def _kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """``(layers, kv heads, head dim)`` of the keys/values a cache holds."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class TransformersSampler:
+    """:class:`~mtrl_local.rollout.sampler.Sampler` over a transformers causal LM.
 
     ``prefill_tokens`` bounds rows × query slots of one prefill forward (activation memory).
     """
@@ -72,12 +91,7 @@ class TransformersBackend:
         min_shared_prefix: int = 16,
     ) -> None:
         config = model.config
-        layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise NotImplementedError(f"only full-attention decoders are supported: {layer_types}")
-        attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-        if attn not in ("sdpa", "eager"):
-            raise NotImplementedError(f"attention implementation {attn!r} is not supported")
+        attn = _check_supported(config)
         eos = tokenizer.eos_token_id
         if not isinstance(eos, int):
             raise ValueError("tokenizer has no eos token")
@@ -104,13 +118,7 @@ class TransformersBackend:
         # Additive float masks for both: eager needs them, and CPU sdpa runs them ~20% faster
         # than boolean ones.
         self._additive_mask = True
-        self._n_layers = config.num_hidden_layers
-        self._n_kv_heads = (
-            getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        )
-        self._head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        self._n_layers, self._n_kv_heads, self._head_dim = _kv_shape(config)
         self._entries: dict[str, CacheEntry] = {}
         #: Counters for benchmarks and tests: tokens prefilled (shared prefixes included, once
         #: each), tokens reused from caches (a row's own cached ids and its shared prefix).
@@ -122,7 +130,7 @@ class TransformersBackend:
             "shared_prefix_tokens": 0,
         }
 
-    # -- the GenerationBackend protocol ----------------------------------------------------------
+    # -- the Sampler protocol ----------------------------------------------------------
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams
     ) -> list[GenerationResult]:
@@ -165,6 +173,40 @@ class TransformersBackend:
     ) -> list[GenerationResult]:
         if not requests:
             return []
+        state, logits = self._open_batch(requests, params, shared)
+        banned = self.eos_token_id if params.ignore_eos else None
+        while True:
+            tokens, raw, picked = sample(
+                logits[state.live],
+                [state.gens[r] for r in state.live],
+                params.temperature,
+                params.top_p,
+                banned,
+            )
+            next_ids, still = state.record(
+                tokens.tolist(),
+                raw.tolist(),
+                picked.tolist(),
+                self.eos_token_id,
+                self.pad_token_id,
+            )
+            if not still:
+                break
+            if 2 * len(still) <= state.cache.batch and state.cache.batch > 4:
+                next_ids, still = self._compact(state, next_ids, still)
+            logits = self._feed(state, next_ids, still)
+        for r, i in enumerate(state.rows):
+            self._store(state.cache, r, requests[i], state.contexts[i], state.sampled[i])
+        return state.results()
+
+    def _open_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        params: SamplingParams,
+        shared: SharedPrefix | None,
+    ) -> tuple[DecodeRows, torch.Tensor]:
+        """Lay the batch out in a slot cache (reused keys/values, then each row's new ids,
+        right-aligned) and prefill it; the decode state and each row's last logits (B, V)."""
         B = len(requests)
         contexts = [list(r.context_ids) for r in requests]
         P = 0 if shared is None else len(shared)
@@ -180,15 +222,7 @@ class TransformersBackend:
         C, N, M = max(c - P for c in cached), max(len(s) for s in suffix), max(budgets)
         # Rows sorted by suffix length (longest first) so that prefill groups are row ranges.
         order = sorted(range(B), key=lambda i: -len(suffix[i]))
-        cache = SlotCache(
-            self._n_layers,
-            B,
-            self._n_kv_heads,
-            C + N + M - 1,
-            self._head_dim,
-            dtype=self.model.dtype,
-            device=self.device,
-        )
+        cache = self._slot_cache(B, C + N + M - 1)
         cache.shared = shared
         ids = torch.full((B, N), self.pad_token_id, dtype=torch.long)  # (B, N): slots C..C+N
         for row, i in enumerate(order):
@@ -197,73 +231,58 @@ class TransformersBackend:
             ids[row, N - n :] = torch.tensor(suffix[i], dtype=torch.long)
             cache.valid[row, C + N - n : C + N] = True
             cache.positions[row, C + N - n : C + N] = torch.arange(cached[i], cached[i] + n)
-        ids = ids.to(self.device)
         self.stats["reused_tokens"] += sum(cached)
         self.stats["prefill_tokens"] += sum(len(s) for s in suffix)
-        logits = self._prefill(cache, ids, C, [len(suffix[i]) for i in order])  # (B, V)
-
+        logits = self._prefill(cache, ids.to(self.device), C, [len(suffix[i]) for i in order])
         gens = [
             torch.Generator(device=self.device).manual_seed(
                 row_seed(params.seed or 0, requests[i].key, len(contexts[i]))
             )
             for i in order
         ]
-        banned = self.eos_token_id if params.ignore_eos else None
-        sampled: list[list[int]] = [[] for _ in range(B)]
-        raw_lp: list[list[float]] = [[] for _ in range(B)]
-        picked_lp: list[list[float]] = [[] for _ in range(B)]
-        finish: list[SampleFinish] = ["length"] * B
-        rows = list(order)  # request index of each cache row
-        live = list(range(B))  # cache rows still sampling
-        slot = C + N
-        while True:
-            tokens, raw, picked = sample(
-                logits[live], [gens[r] for r in live], params.temperature, params.top_p, banned
-            )
-            next_ids = torch.full((cache.batch,), self.pad_token_id, dtype=torch.long)
-            still: list[int] = []
-            for r, tok, lp_raw, lp_picked in zip(
-                live, tokens.tolist(), raw.tolist(), picked.tolist(), strict=True
-            ):
-                i = rows[r]
-                sampled[i].append(tok)
-                raw_lp[i].append(lp_raw)
-                picked_lp[i].append(lp_picked)
-                if tok == self.eos_token_id:
-                    finish[i] = "stop"
-                elif len(sampled[i]) < budgets[i]:
-                    still.append(r)
-                    next_ids[r] = tok
-            if not still:
-                break
-            if 2 * len(still) <= cache.batch and cache.batch > 4:
-                # Half the rows are done: store them and stop paying for them.
-                keep_set = set(still)
-                for r in range(cache.batch):
-                    if r not in keep_set:
-                        self._store(
-                            cache, r, requests[rows[r]], contexts[rows[r]], sampled[rows[r]]
-                        )
-                self.stats["compactions"] += 1
-                keep = torch.tensor(still, device=self.device)
-                cache.keep_rows(keep)
-                next_ids = next_ids[still]
-                rows = [rows[r] for r in still]
-                gens = [gens[r] for r in still]
-                still = list(range(len(still)))
-            # Feed the new tokens at one shared slot; finished rows get a masked pad.
-            live_mask = torch.zeros(cache.batch, dtype=torch.bool)
-            live_mask[still] = True
-            live_mask = live_mask.to(self.device)
-            cache.valid[:, slot] = live_mask
-            prev = cache.positions[:, slot - 1] if slot > 0 else torch.zeros_like(live_mask).long()
-            cache.positions[:, slot] = prev + 1
-            logits = self._forward(cache, next_ids.to(self.device)[:, None], slice(None), slot)
-            live = still
-            slot += 1
-        for r, i in enumerate(rows):
-            self._store(cache, r, requests[i], contexts[i], sampled[i])
-        return [GenerationResult(sampled[i], raw_lp[i], finish[i], picked_lp[i]) for i in range(B)]
+        state = DecodeRows(cache, contexts, budgets, list(order), gens, C + N, requests)
+        state.live = list(range(B))
+        return state, logits
+
+    def _slot_cache(self, batch: int, slots: int) -> SlotCache:
+        return SlotCache(
+            self._n_layers,
+            batch,
+            self._n_kv_heads,
+            slots,
+            self._head_dim,
+            dtype=self.model.dtype,
+            device=self.device,
+        )
+
+    def _compact(
+        self, state: DecodeRows, next_ids: torch.Tensor, still: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Half the rows are done: store them and stop paying for them."""
+        keep_set = set(still)
+        for r in range(state.cache.batch):
+            if r not in keep_set:
+                i = state.rows[r]
+                self._store(state.cache, r, state.requests[i], state.contexts[i], state.sampled[i])
+        self.stats["compactions"] += 1
+        state.cache.keep_rows(torch.tensor(still, device=self.device))
+        state.rows = [state.rows[r] for r in still]
+        state.gens = [state.gens[r] for r in still]
+        return next_ids[still], list(range(len(still)))
+
+    def _feed(self, state: DecodeRows, next_ids: torch.Tensor, still: list[int]) -> torch.Tensor:
+        """Feed the new tokens at one shared slot (finished rows get a masked pad)."""
+        cache, slot = state.cache, state.slot
+        live_mask = torch.zeros(cache.batch, dtype=torch.bool)
+        live_mask[still] = True
+        live_mask = live_mask.to(self.device)
+        cache.valid[:, slot] = live_mask
+        prev = cache.positions[:, slot - 1] if slot > 0 else torch.zeros_like(live_mask).long()
+        cache.positions[:, slot] = prev + 1
+        logits = self._forward(cache, next_ids.to(self.device)[:, None], slice(None), slot)
+        state.live = still
+        state.slot += 1
+        return logits
 
     def _shared_for(self, contexts: list[list[int]]) -> SharedPrefix | None:
         """The shared prefix for a call over ``contexts``: the stored one if every context starts
@@ -286,15 +305,7 @@ class TransformersBackend:
     def _build_shared(self, ids: list[int]) -> SharedPrefix:
         """Run ``ids`` once (batch 1, positions from 0) and keep their keys/values."""
         n = len(ids)
-        cache = SlotCache(
-            self._n_layers,
-            1,
-            self._n_kv_heads,
-            n,
-            self._head_dim,
-            dtype=self.model.dtype,
-            device=self.device,
-        )
+        cache = self._slot_cache(1, n)
         cache.valid[0] = True
         cache.positions[0] = torch.arange(n)
         tensor = torch.tensor([ids], dtype=torch.long, device=self.device)
@@ -405,4 +416,4 @@ class TransformersBackend:
         return out.logits[:, -1, :]
 
 
-__all__ = ["TransformersBackend"]
+__all__ = ["TransformersSampler"]

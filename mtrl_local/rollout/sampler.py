@@ -1,10 +1,10 @@
 """The seam between the rollout engine and whatever samples tokens.
 
-The engine speaks only token ids: it hands a backend the full token history of every active episode
-and gets back the ids, logprobs and finish reason of one sampled turn per episode. A backend may
+The engine speaks only token ids: it hands a sampler the full token history of every active episode
+and gets back the ids, logprobs and finish reason of one sampled turn per episode. A sampler may
 keep per-episode state between turns (a KV cache, a vLLM prefix-cache entry) under the request's
-``key`` and must forget it on :meth:`GenerationBackend.release`. Nothing else crosses the seam, so a
-vLLM backend (``generate`` = one ``LLM.generate`` call over ``TokensPrompt``s with ``logprobs=0``)
+``key`` and must forget it on :meth:`Sampler.release`. Nothing else crosses the seam, so a
+vLLM sampler (``generate`` = one ``LLM.generate`` call over ``TokensPrompt``s with ``logprobs=0``)
 can be added later without touching the engine.
 """
 
@@ -26,8 +26,8 @@ class SamplingParams:
     temperature: float = 1.0
     #: Nucleus sampling: keep the smallest set of tokens whose probability reaches ``top_p``.
     top_p: float = 1.0
-    #: The per-turn token budget ``sampling_max_tokens`` (DESIGN §3): a turn that reaches it without
-    #: sampling eos ends with finish reason ``length``.
+    #: The per-turn token budget ``sampling_max_tokens`` (docs/design.md, "Trajectories"): a turn
+    #: that reaches it without sampling eos ends with finish reason ``length``.
     max_tokens: int = 256
     #: Base seed; each row's noise is derived from (seed, request key, context length), so a row's
     #: sample does not depend on which other rows share its batch. ``None``: the engine's run seed.
@@ -49,7 +49,7 @@ class SamplingParams:
 class GenerationRequest:
     """Sample the next turn of episode ``key`` whose token history is ``context_ids``."""
 
-    #: Episode id: the handle of any state the backend keeps between this episode's turns.
+    #: Episode id: the handle of any state the sampler keeps between this episode's turns.
     key: str
     #: The whole token history of the episode (prompt, earlier turns, tool results, glue, header).
     context_ids: Sequence[int]
@@ -68,17 +68,17 @@ class GenerationResult:
     logprobs: list[float]
     finish_reason: SampleFinish
     #: log of the probability the token was actually drawn with (after temperature and top-p; 0.0
-    #: for greedy). Equal to ``logprobs`` at temperature 1, top_p 1. Empty if the backend lacks it.
+    #: for greedy). Equal to ``logprobs`` at temperature 1, top_p 1. Empty if the sampler lacks it.
     sampling_logprobs: list[float] = field(default_factory=list)
 
 
 @runtime_checkable
-class GenerationBackend(Protocol):
+class Sampler(Protocol):
     """What the rollout engine needs from a sampler."""
 
     #: Weights version the samples come from (recorded in every trajectory).
     policy_version: int
-    #: The longest token sequence the model accepts (``None``: unbounded, e.g. a scripted backend).
+    #: The longest token sequence the model accepts (``None``: unbounded, e.g. a scripted sampler).
     max_context_len: int | None
     #: The id that ends a turn (``<|im_end|>``).
     eos_token_id: int
@@ -105,10 +105,10 @@ def row_seed(seed: int, key: str, context_len: int) -> int:
 
 
 __all__ = [
-    "GenerationBackend",
     "GenerationRequest",
     "GenerationResult",
     "SampleFinish",
+    "Sampler",
     "SamplingParams",
     "row_seed",
 ]

@@ -1,21 +1,20 @@
-"""Rollouts files: JSONL, one episode per line.
+"""Rollout files: JSONL, one episode per line (what evaluations write and audits read).
 
 Required per line: ``messages`` (a list of ``{"role", "content"}`` objects) and ``ground_truth``
 (an object). Optional: ``task``, ``case_id``, ``split``, ``reward``, ``strict``, counters, and any
 extra keys (kept as they are). Reading validates every line and names the file, line and field of
-the first problem; writing appends whole lines and flushes, so a crash never leaves half a record
-that hides the ones before it.
+the first problem; writing validates first, then appends whole lines and fsyncs
+(:mod:`mtrl_local.jsonl`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 from mtrl_local.errors import UserError
+from mtrl_local.jsonl import read_jsonl, write_jsonl
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -46,35 +45,25 @@ def check_rollout(obj: Any) -> str | None:
     return None
 
 
-def iter_rollouts(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield validated records; :class:`UserError` ``"<file>:<line>: …"`` on the first bad line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{path}: no such rollouts file")
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            why = check_rollout(obj)
-            if why:
-                raise UserError(f"{path}:{lineno}: {why}")
-            obj.setdefault("_line", lineno)
-            yield obj
+def iter_rollout_file(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Validated records, each with ``_line``; ``"<file>:<line>: …"`` on the first bad one."""
+    for lineno, obj in read_jsonl(path):
+        why = check_rollout(obj)
+        if why:
+            raise UserError(f"{path}:{lineno}: {why}")
+        obj.setdefault("_line", lineno)
+        yield obj
 
 
-def read_rollouts(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """All records of a rollouts file (validated). An empty file is an error too."""
-    rows = list(iter_rollouts(path))
+def read_rollout_file(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """All records of a rollout file (validated). An empty file is an error too."""
+    rows = list(iter_rollout_file(path))
     if not rows:
         raise UserError(f"{path}: no rollouts in file")
     return rows
 
 
-def write_rollouts(
+def write_rollout_file(
     path: str | os.PathLike[str], rows: Iterable[dict[str, Any]], append: bool = False
 ) -> int:
     """Write records as JSONL (validated first); returns how many were written."""
@@ -84,10 +73,4 @@ def write_rollouts(
         if why:
             raise ValueError(f"rollout {i}: {why}")
         items.append({k: v for k, v in row.items() if k != "_line"})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a" if append else "w", encoding="utf-8") as f:
-        for row in items:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return len(items)
+    return write_jsonl(path, items, append=append)

@@ -27,6 +27,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from mtrl_local.chat import ASSISTANT_HEADER, IM_END
+from mtrl_local.env.actions import FINAL_CLOSE, FINAL_OPEN
+
 CurriculumKind = Literal["copy_id", "repeat", "lookup"]
 KINDS: tuple[CurriculumKind, ...] = ("copy_id", "repeat", "lookup")
 
@@ -266,8 +269,6 @@ def verdict_answer(rng: random.Random) -> tuple[str, list[tuple[int, int]]]:
     ln 2. Dense sequences of these answers form the "any verdict failed" head after ~200 steps
     (the loss drops suddenly after a plateau, like the induction head).
     """
-    from mtrl_local.chat import ASSISTANT_HEADER, FINAL_CLOSE, FINAL_OPEN, IM_END
-
     failed = {f: False for f, _, _ in VERDICTS}
     if rng.random() >= 0.35:
         failed = {f: rng.random() < 0.4 for f in failed}

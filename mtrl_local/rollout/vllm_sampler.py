@@ -1,8 +1,8 @@
-"""A :class:`~mtrl_local.rollout.backend.GenerationBackend` over an in-process vLLM ``LLM``.
+"""A :class:`~mtrl_local.rollout.sampler.Sampler` over an in-process vLLM ``LLM``.
 
 Optional extra: ``pip install "mtrl-local[vllm]"``. **Not exercised by CI**: vLLM pins a CUDA build
 of torch, which cannot be installed on the CPU machines the tests run on; import this module only
-where vLLM is installed (the import of vLLM itself is lazy, inside :class:`VLLMBackend`).
+where vLLM is installed (the import of vLLM itself is lazy, inside :class:`VLLMSampler`).
 
 Written against the vLLM API of versions 0.22–0.31 — the range TRL 1.x's colocate mode supports —
 and the calls TRL makes there: ``LLM(..., logprobs_mode=…)``, ``TokensPrompt``,
@@ -18,7 +18,7 @@ How it meets the seam's contract:
 * ``logprobs`` must be log π under the unmodified policy, so the engine runs with
   ``logprobs_mode="raw_logprobs"`` (log-softmax before temperature and top-p) and asks for the
   sampled token's logprob only (``logprobs=0``);
-* per-row seeds from :func:`~mtrl_local.rollout.backend.row_seed`, as the transformers backend;
+* per-row seeds from :func:`~mtrl_local.rollout.sampler.row_seed`, as the transformers sampler;
 * per-episode state: vLLM's automatic prefix caching already reuses the shared prefix of an
   episode's turns, so :meth:`release` has nothing to do; new weights reset that cache;
 * weights after each optimizer step: a full state dict is pushed with ``load_weights``; a LoRA
@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtrl_local.rollout.backend import (
+from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
     SampleFinish,
@@ -54,13 +54,13 @@ def _import_vllm() -> Any:
         import vllm
     except ImportError as exc:  # pragma: no cover - depends on the machine
         raise ImportError(
-            f'the vLLM backend needs vllm{SUPPORTED_VLLM}: pip install "mtrl-local[vllm]" '
+            f'the vLLM sampler needs vllm{SUPPORTED_VLLM}: pip install "mtrl-local[vllm]" '
             "(CUDA only)"
         ) from exc
     return vllm
 
 
-class VLLMBackend:
+class VLLMSampler:
     """In-process vLLM sampler. ``model_path``: a local HF model directory (the base model).
 
     ``lora_config``: the PEFT ``LoraConfig`` as a dict (``peft_model.peft_config["default"]
@@ -105,7 +105,7 @@ class VLLMBackend:
         self._lora: Any = None
         self._warned_eos = False
 
-    # -- the GenerationBackend protocol ----------------------------------------------------------
+    # -- the Sampler protocol ----------------------------------------------------------
     def generate(
         self, requests: Sequence[GenerationRequest], params: SamplingParams
     ) -> list[GenerationResult]:
@@ -169,7 +169,7 @@ class VLLMBackend:
 
     def _push_adapter(self, state: Mapping[str, Any], version: int) -> None:
         if self.lora_config is None:
-            raise ValueError("a LoRA state dict needs VLLMBackend(lora_config=...)")
+            raise ValueError("a LoRA state dict needs VLLMSampler(lora_config=...)")
         from safetensors.torch import save_file
 
         folder = self.lora_dir / f"v{version}"
@@ -188,4 +188,4 @@ class VLLMBackend:
         self._lora = LoRARequest(f"policy-v{version}", version + 1, str(folder))
 
 
-__all__ = ["SUPPORTED_VLLM", "VLLMBackend"]
+__all__ = ["SUPPORTED_VLLM", "VLLMSampler"]

@@ -1,0 +1,7 @@
+"""``python -m mtrl_local.cli``: the ``mtrl`` command."""
+
+import sys
+
+from mtrl_local.cli import main
+
+sys.exit(main())
