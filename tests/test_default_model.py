@@ -31,7 +31,7 @@ from mtrl_local.model_io import load_model
 from mtrl_local.plugins import load_task
 from rewards.dense import dense_reward
 from sopbench.aircraft_inspection import rules as aircraft_rules
-from sopbench.aircraft_inspection.task import recombined_inputs
+from sopbench.aircraft_inspection.cases import recombined_inputs
 from sopbench.default_model import cache as cache_mod
 from sopbench.default_model import evidence as evidence_mod
 from sopbench.default_model import stages as stages_mod

@@ -19,8 +19,8 @@ from mtrl_local.evaluate import EvalConfig, EvalReport, LoadedModel, ModelResult
 from mtrl_local.plugins import load_task
 from mtrl_local.scoring import normalize, strict_score
 from mtrl_local.trajectory import Trajectory, TurnSpan
-from rewards.audit import no_answer_episode, with_answer
 from rewards.dense import dense_reward
+from rewards.variants import no_answer_episode, with_answer
 from sopbench.base import ExpertEpisode
 
 TASK = "aircraft_inspection"

@@ -17,7 +17,7 @@ import pytest
 
 from mtrl_local.rollout_files import write_rollout_file
 from mtrl_local.scoring import RewardResult
-from rewards import audit
+from rewards import audit, variants
 from rewards.dense import dense_reward, dense_reward_per_turn
 from rewards.examples import (
     harvest_tool_results,
@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRUTH = {"result": "pass", "electrical": "fail", "ready": False, "code": "C-12"}
 
 
-def toy_reference(case_id: str = "toy-1", truth: dict[str, Any] = TRUTH) -> audit.Reference:
+def toy_reference(case_id: str = "toy-1", truth: dict[str, Any] = TRUTH) -> variants.Reference:
     """A hand-made reference episode: one tool call, then the exact answer."""
     call = '<tool_call>{"name": "read_panel", "arguments": {"id": "AC-1"}}</tool_call>'
     messages = [
@@ -41,7 +41,7 @@ def toy_reference(case_id: str = "toy-1", truth: dict[str, Any] = TRUTH) -> audi
         {"role": "tool", "name": "read_panel", "content": '{"voltage": 11.2, "code": "C-12"}'},
         {"role": "assistant", "content": f"<final_response>{json.dumps(truth)}</final_response>"},
     ]
-    return audit.Reference(case_id, messages, dict(truth))
+    return variants.Reference(case_id, messages, dict(truth))
 
 
 REFS = [
@@ -71,8 +71,8 @@ def test_lenient_examples_misbehave_as_documented():
 
 # -- variants and twins ----------------------------------------------------------------------------
 def test_variants_cover_every_kind_and_twins_have_the_strict_credit_of_the_variant():
-    pairs = audit.lenient_variants(REFS[0])
-    assert {p.kind for p in pairs} == set(audit.VARIANT_KINDS)
+    pairs = variants.lenient_variants(REFS[0])
+    assert {p.kind for p in pairs} == set(variants.VARIANT_KINDS)
     for p in pairs:
         # Under the strict reading, variant and twin are the same answer.
         assert dense_reward(p.variant, p.ground_truth) == dense_reward(p.twin, p.ground_truth), p
@@ -84,14 +84,14 @@ def test_variants_cover_every_kind_and_twins_have_the_strict_credit_of_the_varia
 
 
 def test_plainly_wrong_is_unrelated_to_every_expected_value():
-    assert audit.plainly_wrong(TRUTH) == "WRONG-VALUE"
-    assert audit.plainly_wrong({"a": "wrong-value-x"}) == "XX-INVALID"
+    assert variants.plainly_wrong(TRUTH) == "WRONG-VALUE"
+    assert variants.plainly_wrong({"a": "wrong-value-x"}) == "XX-INVALID"
 
 
 # -- each check passes the dense reward and catches what it is for ---------------------------------
 @pytest.mark.parametrize("reward_fn", [dense_reward, dense_reward_per_turn])
 def test_dense_rewards_pass_every_check(reward_fn):
-    for kind in audit.VARIANT_KINDS:
+    for kind in variants.VARIANT_KINDS:
         assert audit.check_variants(reward_fn, REFS, kind).ok, kind
     for check in (
         audit.check_reference_maximum,
@@ -106,7 +106,7 @@ def test_dense_rewards_pass_every_check(reward_fn):
 
 def test_lenient_reward_fails_the_bait_variants_only():
     failed = {
-        k for k in audit.VARIANT_KINDS if not audit.check_variants(lenient_reward, REFS, k).ok
+        k for k in variants.VARIANT_KINDS if not audit.check_variants(lenient_reward, REFS, k).ok
     }
     assert failed == {"wrong_tag", "bare_json", "contains_value", "harvest_bait", "swapped_fields"}
 
@@ -170,7 +170,7 @@ def test_reward_value_reduces_per_turn_lists():
 
 def test_check_rollouts_share_and_offenders():
     good, ref = REFS
-    wrong_tag = audit.lenient_variants(ref, ("wrong_tag",))[0].variant
+    wrong_tag = variants.lenient_variants(ref, ("wrong_tag",))[0].variant
     rows = [
         {
             "task": "toy",

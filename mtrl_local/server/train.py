@@ -18,7 +18,6 @@ from typing import Any
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.server.source import AgentBatchSource, AgentFunction, agent_source_factory
 from mtrl_local.train.pipeline import RunInputs
-from mtrl_local.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -39,16 +38,8 @@ def run_agent_pipeline(
     factory = agent_source_factory(
         agent, workers=workers, idle_timeout_s=idle_timeout_s, episode_timeout_s=episode_timeout_s
     )
-    trainer = Trainer(
-        cfg,
-        inputs.task,
-        inputs.reward_fn,
-        inputs.model_path,
-        run_dir=run_dir,
-        resume=resume,
-        progress=progress,
-        scorer=inputs.scorer,
-        source_factory=factory,
+    trainer = inputs.trainer(
+        cfg, run_dir=run_dir, resume=resume, progress=progress, source_factory=factory
     )
     try:
         state = trainer.train()

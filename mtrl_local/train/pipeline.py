@@ -35,6 +35,12 @@ class RunInputs:
     model_path: Path
     scorer: Scorer = strict_score
 
+    def trainer(self, cfg: MultiTurnRLConfig, **kwargs: Any) -> Trainer:
+        """A :class:`Trainer` of ``cfg`` on these objects (``kwargs``: its keyword options)."""
+        return Trainer(
+            cfg, self.task, self.reward_fn, self.model_path, scorer=self.scorer, **kwargs
+        )
+
 
 def run_pipeline(
     cfg: MultiTurnRLConfig,
@@ -51,16 +57,7 @@ def run_pipeline(
     Under ``accelerate launch`` every process trains; only process 0 evaluates, writes and
     returns the report (the others return ``{}`` once it is done).
     """
-    trainer = Trainer(
-        cfg,
-        inputs.task,
-        inputs.reward_fn,
-        inputs.model_path,
-        run_dir=run_dir,
-        resume=resume,
-        progress=progress,
-        scorer=inputs.scorer,
-    )
+    trainer = inputs.trainer(cfg, run_dir=run_dir, resume=resume, progress=progress)
     try:
         if not trainer.dist.main:
             dd.barrier(trainer.dist)  # process 0's baseline

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from rewards import audit
+from rewards import audit, variants
 
 
 def _passed(result: audit.CheckResult) -> None:
@@ -21,7 +21,7 @@ def _passed(result: audit.CheckResult) -> None:
         pytest.fail(result.report(), pytrace=False)
 
 
-@pytest.mark.parametrize("kind", audit.VARIANT_KINDS)
+@pytest.mark.parametrize("kind", variants.VARIANT_KINDS)
 def test_lenient_variant_never_beats_its_strict_twin(kind, reward_fn, reference_episodes):
     result = audit.check_variants(reward_fn, reference_episodes, kind)
     assert result.checked, f"no '{kind}' variant could be built from the references"

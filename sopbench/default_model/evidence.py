@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -122,22 +122,8 @@ def train_evidence(
     values serve every row (:mod:`mtrl_local.train.prefix`, exact gradients), so a step costs
     the ~700-token tails, not ``batch_size`` × ~2.1k tokens. Deterministic given ``seed``.
     """
-    task = cast(Task, load_task(task_name))
-    cases = task.cases("train")[:max_cases]
-    recombine = getattr(task, "recombined_case", None)
-    rng = random.Random(seed)
+    example = _example_source(tokenizer, task_name, weight, recombined, seed, max_cases)
     pad = int(tokenizer.pad_token_id)
-    counter = iter(range(1 << 62))
-
-    def example() -> tuple[list[int], list[float]]:
-        if recombine is not None and rng.random() < recombined:
-            case = recombine(cases, rng, next(counter))
-        else:
-            case = rng.choice(cases)
-        return evidence_example(
-            tokenizer, task.run_expert(case, seed=rng.randrange(1 << 30)), weight
-        )
-
     opt = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, warmup_steps))
     model.train()
@@ -147,17 +133,10 @@ def train_evidence(
     t0 = time.perf_counter()
     for step in range(steps):
         batch = [example() for _ in range(batch_size)]
-        loss, kv, shared = evidence_loss(model, batch, pad)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if kv is not None:
-            kv.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        loss, tokens = _evidence_step(model, opt, sched, batch, pad)
         rows += len(batch)
-        n_tok += shared + sum(len(ids) - shared for ids, _ in batch)
-        recent = [*recent[-19:], float(loss.item())]
+        n_tok += tokens
+        recent = [*recent[-19:], loss]
         if step == 0 or (step + 1) % 25 == 0:
             losses.append(recent[-1])
             logger.info("evidence step %d/%d loss %.4f", step + 1, steps, recent[-1])
@@ -172,3 +151,50 @@ def train_evidence(
         losses=losses,
         train_tokens=n_tok,
     )
+
+
+def _example_source(
+    tokenizer: PreTrainedTokenizerBase,
+    task_name: str,
+    weight: float,
+    recombined: float,
+    seed: int,
+    max_cases: int | None,
+) -> Callable[[], tuple[list[int], list[float]]]:
+    """A seeded stream of weighted reference episodes, a share ``recombined`` on recombined
+    aircraft (when the task can recombine its cases)."""
+    task = cast(Task, load_task(task_name))
+    cases = task.cases("train")[:max_cases]
+    recombine = getattr(task, "recombined_case", None)
+    rng = random.Random(seed)
+    counter = iter(range(1 << 62))
+
+    def example() -> tuple[list[int], list[float]]:
+        if recombine is not None and rng.random() < recombined:
+            case = recombine(cases, rng, next(counter))
+        else:
+            case = rng.choice(cases)
+        return evidence_example(
+            tokenizer, task.run_expert(case, seed=rng.randrange(1 << 30)), weight
+        )
+
+    return example
+
+
+def _evidence_step(
+    model: PreTrainedModel,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LambdaLR,
+    batch: list[tuple[list[int], list[float]]],
+    pad: int,
+) -> tuple[float, int]:
+    """One clipped AdamW step on ``batch`` with its shared prefix run once; (loss, tokens run)."""
+    loss, kv, shared = evidence_loss(model, batch, pad)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if kv is not None:
+        kv.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return float(loss.item()), shared + sum(len(ids) - shared for ids, _ in batch)

@@ -65,34 +65,16 @@ def train_phase(
     """
     if batch_size % per_device:
         raise ValueError("batch_size must be a multiple of per_device")
-    args = SFTConfig(
-        output_dir=str(work_dir / name),
-        max_steps=steps,
-        # One sequence per forward pass: no padding, so SDPA keeps its fast maskless kernel
-        # (a padded batch of mixed-length trajectories was ~5x slower per token on CPU).
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=batch_size // per_device,
-        # Activations of a 0.55M model over 4k tokens are small; recomputing them is not.
-        activation_checkpointing=False,
-        # TRL defaults to bf16 autocast, on CPU too: no faster at this size, and the rollout
-        # engine samples in fp32, so train in fp32 (no train/inference precision mismatch).
-        bf16=False,
+    args = _sft_config(
+        work_dir / name,
+        steps=steps,
+        per_device=per_device,
+        accumulation=batch_size // per_device,
         learning_rate=learning_rate,
-        lr_scheduler_type="cosine",
         warmup_steps=min(warmup_steps, max(steps // 10, 1)),
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        assistant_only_loss=True,
         max_length=max_length,
-        report_to="none",
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=max(1, min(25, steps // 20)),
-        logging_first_step=True,
-        disable_tqdm=not progress,
         seed=seed,
-        data_seed=seed,
-        dataloader_num_workers=0,
+        progress=progress,
     )
     trainer = SFTTrainer(
         model=model,
@@ -130,4 +112,48 @@ def train_phase(
         last_loss=losses[-1] if losses else None,
         losses=losses,
         train_tokens=math.ceil(n_tok * epochs),
+    )
+
+
+def _sft_config(
+    output_dir: Path,
+    *,
+    steps: int,
+    per_device: int,
+    accumulation: int,
+    learning_rate: float,
+    warmup_steps: int,
+    max_length: int,
+    seed: int,
+    progress: bool,
+) -> SFTConfig:
+    """The phase's ``SFTConfig``: warmup then cosine to 0, fp32 on the CPU, no checkpoints."""
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        # One sequence per forward pass: no padding, so SDPA keeps its fast maskless kernel
+        # (a padded batch of mixed-length trajectories was ~5x slower per token on CPU).
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=accumulation,
+        # Activations of a 0.55M model over 4k tokens are small; recomputing them is not.
+        activation_checkpointing=False,
+        # TRL defaults to bf16 autocast, on CPU too: no faster at this size, and the rollout
+        # engine samples in fp32, so train in fp32 (no train/inference precision mismatch).
+        bf16=False,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=warmup_steps,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        assistant_only_loss=True,
+        max_length=max_length,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=max(1, min(25, steps // 20)),
+        logging_first_step=True,
+        disable_tqdm=not progress,
+        seed=seed,
+        data_seed=seed,
+        dataloader_num_workers=0,
     )
