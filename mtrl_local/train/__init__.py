@@ -1,1 +1,1 @@
-"""Training: batching by sequence extension, checkpoints, the policy, rollout sources, the loop."""
+"""Training: batch sources, sequence-extension batching, the update, checkpoints, the loop."""
