@@ -42,9 +42,12 @@ from mtrl_local import __version__
 from mtrl_local.errors import UserError
 from mtrl_local.run_dir import STORE_FILENAME
 from mtrl_local.store_records import (
+    LIGHT_COLUMNS,
+    TRAJECTORY_FILTERS,
     DiagnosticRecord,
     EvaluationRecord,
     RunInfo,
+    TrajectoryFilter,
     TrajectoryRecord,
     diagnostic_record,
     evaluation_record,
@@ -59,23 +62,6 @@ from mtrl_local.trajectory import Trajectory
 logger = logging.getLogger(__name__)
 
 RunStatus = Literal["created", "running", "finished", "failed", "stopped"]
-TrajectoryFilter = Literal["failures", "truncated", "zero_reward", "disagree"]
-
-#: Columns a listing returns; ``messages`` and ``ground_truth`` only when asked (they are large).
-_LIGHT_COLUMNS = (
-    "id, step, label, split, policy_version, group_id, case_id, sample_index, seed, reward, "
-    "per_turn_rewards, strict, done_reason, failed, truncated, completed, n_turns, turn_tokens, "
-    "finish_reasons, tool_calls, tool_errors, metrics, counters, created_at"
-)
-_FILTERS: dict[str, str] = {
-    "failures": "(failed = 1 OR done_reason = 'error')",
-    "truncated": "truncated = 1",
-    "zero_reward": "reward = 0",
-    "disagree": (
-        "(reward IS NOT NULL AND strict IS NOT NULL AND "
-        "((reward >= :threshold AND strict = 0) OR (reward < :threshold AND strict >= 1)))"
-    ),
-}
 
 
 class RunStore:
@@ -372,10 +358,11 @@ class RunStore:
             where.append("label = :label")
             params["label"] = label
         if filter is not None:
-            if filter not in _FILTERS:
-                raise ValueError(f"unknown trajectory filter {filter!r}; one of {list(_FILTERS)}")
-            where.append(_FILTERS[filter])
-        columns = "*" if with_messages else _LIGHT_COLUMNS
+            if filter not in TRAJECTORY_FILTERS:
+                known = list(TRAJECTORY_FILTERS)
+                raise ValueError(f"unknown trajectory filter {filter!r}; one of {known}")
+            where.append(TRAJECTORY_FILTERS[filter])
+        columns = "*" if with_messages else LIGHT_COLUMNS
         sql = (
             f"SELECT {columns} FROM trajectories WHERE {' AND '.join(where)} "
             "ORDER BY step, label, split, group_id, sample_index"

@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from mtrl_local.scoring import scalar
 from mtrl_local.trajectory import Trajectory
+
+#: What a trajectory listing can be narrowed to (``RunStore.trajectories(filter=…)``).
+TrajectoryFilter = Literal["failures", "truncated", "zero_reward", "disagree"]
+
+#: Columns a listing returns; ``messages`` and ``ground_truth`` only when asked (they are large).
+LIGHT_COLUMNS = (
+    "id, step, label, split, policy_version, group_id, case_id, sample_index, seed, reward, "
+    "per_turn_rewards, strict, done_reason, failed, truncated, completed, n_turns, turn_tokens, "
+    "finish_reasons, tool_calls, tool_errors, metrics, counters, created_at"
+)
+TRAJECTORY_FILTERS: dict[str, str] = {
+    "failures": "(failed = 1 OR done_reason = 'error')",
+    "truncated": "truncated = 1",
+    "zero_reward": "reward = 0",
+    "disagree": (
+        "(reward IS NOT NULL AND strict IS NOT NULL AND "
+        "((reward >= :threshold AND strict = 0) OR (reward < :threshold AND strict >= 1)))"
+    ),
+}
 
 
 def json_value(value: Any) -> str:

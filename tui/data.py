@@ -19,11 +19,12 @@ from pathlib import Path
 from mtrl_local.diagnostics import Finding, diagnose
 from mtrl_local.errors import UserError
 from mtrl_local.run_dir import STORE_FILENAME
-from mtrl_local.store import RunStore, TrajectoryFilter
+from mtrl_local.store import RunStore
 from mtrl_local.store_records import (
     DiagnosticRecord,
     EvaluationRecord,
     RunInfo,
+    TrajectoryFilter,
     TrajectoryRecord,
 )
 

@@ -25,6 +25,7 @@ import inspect
 from dataclasses import dataclass
 
 import torch
+from transformers import PretrainedConfig
 
 from mtrl_local.rollout.shared_prefix import SharedPrefix
 
@@ -211,4 +212,23 @@ class SlotCache:
         )
 
 
-__all__ = ["CacheEntry", "SlotCache"]
+def check_supported(config: PretrainedConfig) -> str:
+    """The model's attention implementation, if this sampler supports the model."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise NotImplementedError(f"only full-attention decoders are supported: {layer_types}")
+    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
+    if attn not in ("sdpa", "eager"):
+        raise NotImplementedError(f"attention implementation {attn!r} is not supported")
+    return str(attn)
+
+
+def kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
+    """``(layers, kv heads, head dim)`` of the keys/values a cache holds."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+__all__ = ["CacheEntry", "SlotCache", "check_supported", "kv_shape"]

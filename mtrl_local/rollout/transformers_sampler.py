@@ -10,7 +10,7 @@ sampled token, which was never fed). Next turn its context is that history + the
 context. The stored ids are compared with the new context first; any mismatch (new weights, an
 edited history) falls back to a full prefill. ``kv_reuse=False`` always re-prefills (same tokens
 under greedy; a test checks it). Memory: ``2 · layers · kv_heads · head_dim · dtype bytes`` per
-stored token and episode (hidden-128 default: 2 KiB/token in fp32; Qwen3-1.7B: 112 KiB in bf16).
+stored token and episode.
 
 **Shared prompt** (``share_prompt``, on with KV reuse). The ids that begin every context of a call
 (the system turn: SOP and tool schemas) are run once and kept as one shared prefix; rows hold only
@@ -33,7 +33,14 @@ import torch
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mtrl_local.rollout.decode import DecodeRows
-from mtrl_local.rollout.kv import CacheEntry, SlotCache, cache_kwarg, unwrapped
+from mtrl_local.rollout.kv import (
+    CacheEntry,
+    SlotCache,
+    cache_kwarg,
+    check_supported,
+    kv_shape,
+    unwrapped,
+)
 from mtrl_local.rollout.sampler import (
     GenerationRequest,
     GenerationResult,
@@ -49,25 +56,6 @@ from mtrl_local.rollout.shared_prefix import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def _check_supported(config: PretrainedConfig) -> str:
-    """The model's attention implementation, if this sampler supports the model."""
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        raise NotImplementedError(f"only full-attention decoders are supported: {layer_types}")
-    attn = getattr(config, "_attn_implementation", "sdpa") or "sdpa"
-    if attn not in ("sdpa", "eager"):
-        raise NotImplementedError(f"attention implementation {attn!r} is not supported")
-    return str(attn)
-
-
-def _kv_shape(config: PretrainedConfig) -> tuple[int, int, int]:
-    """``(layers, kv heads, head dim)`` of the keys/values a cache holds."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, kv_heads, head_dim
 
 
 class TransformersSampler:
@@ -91,7 +79,7 @@ class TransformersSampler:
         min_shared_prefix: int = 16,
     ) -> None:
         config = model.config
-        attn = _check_supported(config)
+        attn = check_supported(config)
         eos = tokenizer.eos_token_id
         if not isinstance(eos, int):
             raise ValueError("tokenizer has no eos token")
@@ -118,7 +106,7 @@ class TransformersSampler:
         # Additive float masks for both: eager needs them, and CPU sdpa runs them ~20% faster
         # than boolean ones.
         self._additive_mask = True
-        self._n_layers, self._n_kv_heads, self._head_dim = _kv_shape(config)
+        self._n_layers, self._n_kv_heads, self._head_dim = kv_shape(config)
         self._entries: dict[str, CacheEntry] = {}
         #: Counters for benchmarks and tests: tokens prefilled (shared prefixes included, once
         #: each), tokens reused from caches (a row's own cached ids and its shared prefix).
