@@ -9,10 +9,13 @@ reads them itself), every request carries the episode id (``X-Episode-Id``), and
 reports its reward to ``POST /v1/episodes/{id}/reward``.
 
 Under the trainer (``mtrl train --agent-cmd "python examples/aircraft_agent.py"``) each process runs
-the one episode named by ``MTRL_EPISODE_ID`` / ``MTRL_CASE_ID``. Standalone, against a running
-rollout server, it opens an episode of its own for ``--case-id`` (default: the first train case)::
+the one episode named by ``MTRL_EPISODE_ID`` / ``MTRL_CASE_ID``, and ``OPENAI_API_KEY`` is that
+episode's own key (valid for it alone). Standalone, against a running rollout server, it opens an
+episode of its own for ``--case-id`` (default: the first train case) with the server token, then
+switches to the ``episode_key`` the server returned, which every call on that episode needs::
 
-    OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=… python examples/aircraft_agent.py
+    OPENAI_BASE_URL=http://127.0.0.1:8000/v1 OPENAI_API_KEY=<server token> \
+        python examples/aircraft_agent.py
 
 A random or weak model rarely writes a valid tool call: then the reply has no ``tool_calls``, the
 agent treats it as its answer and the episode ends (reward −0.1 for no parseable answer).
@@ -116,7 +119,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     args = parse_args()
     client = OpenAI(max_retries=0, timeout=600.0)  # OPENAI_BASE_URL / OPENAI_API_KEY
-    run_episode(client, args, start_episode(client, args))
+    info = start_episode(client, args)
+    if info.get("episode_key"):  # an episode we opened: its calls need its own key
+        client = client.with_options(api_key=info["episode_key"])
+    run_episode(client, args, info)
 
 
 if __name__ == "__main__":

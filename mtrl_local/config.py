@@ -5,8 +5,9 @@ holds everything one training run needs; names follow TRL where TRL has one, the
 are described in docs/design.md, and the docstring under each field is its description
 (``model_fields[name].description``). :func:`load_config` applies defaults < recipe file <
 command-line ``KEY=VALUE`` overrides, merging tables key by key; strings from the command line
-are converted to the field's type. Every mistake is one :class:`UserError` line naming the file
-or the command line and the field.
+are converted to the field's type. Every field has a range (:mod:`mtrl_local.config_values`) and
+:func:`check_config` ties fields together, so a config that loads is one the trainer can run; every
+mistake is one :class:`UserError` line naming the file or the command line and the field.
 
 Why pydantic: it is already a dependency through FastAPI, and the same models validate typed TOML
 values and string overrides, with ``Literal`` choices, nested models, unknown keys forbidden and
@@ -32,6 +33,19 @@ from pydantic import (
     model_validator,
 )
 
+from mtrl_local.config_values import (
+    Cap,
+    Count,
+    DirectoryName,
+    Fraction,
+    NonEmptyStr,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    Seed,
+    TopP,
+    user_error,
+)
 from mtrl_local.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -47,13 +61,13 @@ Aggregation = Literal["token_mean", "seq_mean_token_mean"]
 ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batch_size"}
 
 _BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-_EXPECTED: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number"}
 
 
 class _Model(BaseModel):
-    """Unknown keys refused, field docstrings as descriptions, raw values converted."""
+    """Unknown keys refused, NaN and infinities refused, field docstrings as descriptions, raw
+    values converted."""
 
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -86,20 +100,20 @@ class _Model(BaseModel):
 class SamplingConfig(_Model):
     """How a split is sampled (rollouts or evaluation)."""
 
-    temperature: float = 1.0
+    temperature: NonNegativeFloat = 1.0
     """Sampling temperature; 0 is greedy."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    sampling_max_tokens: int = 96
+    top_p: TopP = 1.0
+    """Nucleus sampling mass, in (0, 1]."""
+    sampling_max_tokens: Count = 96
     """Per-turn token budget; a turn that reaches it ends with finish reason ``length``."""
-    n_samples: int = 1
+    n_samples: Count = 1
     """Samples per case (pass@k is computed for k ∈ {1, n_samples})."""
 
 
 class AsyncConfig(_Model):
     """Rollouts produced by a background worker while the trainer updates."""
 
-    max_steps_off_policy: int = 0
+    max_steps_off_policy: NonNegativeInt = 0
     """A rollout of policy version v is used at step s only if s − v ≤ this; 0 = synchronous."""
 
 
@@ -111,26 +125,27 @@ class MultiTurnRLConfig(_Model):
     task: str | None = None
     """Task name (``mtrl tasks`` lists them) or ``package.module:Task``; required by ``mtrl
     train``."""
-    model: str = "default"
+    model: NonEmptyStr = "default"
     """A registered model name (``default``: the embedded model) or a local HF model
     directory."""
-    reward: str = "rewards.dense:dense_reward"
+    reward: NonEmptyStr = "rewards.dense:dense_reward"
     """Training reward as ``package.module:function`` (audited with ``make audit``)."""
-    output_dir: str = "runs"
+    output_dir: NonEmptyStr = "runs"
     """Where run directories are created."""
-    run_name: str | None = None
-    """Run directory name; default ``<task>-<timestamp>``."""
-    seed: int = 0
-    """Seed for sampling, case order and initialisation."""
+    run_name: DirectoryName | None = None
+    """Run directory name (one path component, inside ``output_dir``); default
+    ``<task>-<timestamp>``."""
+    seed: Seed = 0
+    """Seed for sampling, case order and initialisation, in [0, 2³² − 1]."""
 
     # -- batch shape ----------------------------------------------------------------------------
-    num_generations: int = 8
+    num_generations: Count = 8
     """Group size G: rollouts per case (TRL name; alias ``group_size``)."""
-    per_device_train_batch_size: int = 32
+    per_device_train_batch_size: Count = 32
     """Trajectories per optimizer step (a multiple of ``num_generations``; alias ``batch_size``)."""
-    micro_batch_tokens: int = 16384
+    micro_batch_tokens: Count = 16384
     """Token budget of one forward/backward micro-batch (gradient accumulation within a step)."""
-    micro_batch_rows: int = 0
+    micro_batch_rows: NonNegativeInt = 0
     """Most sequences per micro-batch; 0 = 1 on CPU (a padded batch takes the masked attention
     path there: 24 aircraft-length sequences took 19 s in padded batches of 6, 11 s one by one),
     no limit on CUDA."""
@@ -138,18 +153,23 @@ class MultiTurnRLConfig(_Model):
     """Run the prompt a group's trajectories share through the model once per update and reuse
     its keys/values, with their gradient, for each trajectory (:mod:`mtrl_local.train.prefix`):
     the same gradient for far fewer tokens (off under FSDP)."""
-    max_steps: int = 50
+    max_steps: Count = 50
     """Optimizer steps."""
 
     # -- rollouts ------------------------------------------------------------------------------
-    max_turns: int | None = None
+    max_turns: Count | None = None
     """Turn limit per episode; ``None`` → the task's ``ceil(1.5 × reference turns)``."""
-    sampling_max_tokens: int = 96
+    sampling_max_tokens: Count = 96
     """Per-turn token budget during rollouts."""
-    temperature: float = 1.0
+    temperature: NonNegativeFloat = 1.0
     """Rollout sampling temperature."""
-    top_p: float = 1.0
-    """Rollout nucleus sampling mass."""
+    top_p: TopP = 1.0
+    """Rollout nucleus sampling mass, in (0, 1]."""
+    tool_timeout_s: NonNegativeFloat | None = None
+    """Seconds one tool call may run before the agent gets an error and the episode's environment
+    is abandoned (0: tools run inline, no timeout); ``None`` keeps the environment's (30 s)."""
+    max_tool_output_chars: Count | None = None
+    """Longest tool result the agent sees (cut with a marker); ``None`` keeps the environment's."""
     val_sampling_params: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.0, n_samples=1)
     )
@@ -162,50 +182,52 @@ class MultiTurnRLConfig(_Model):
     """Advantage estimator (docs/design.md)."""
     scale_rewards: Literal["group", "none"] = "group"
     """``group``: divide by the group std (GRPO); ``none``: do not (Dr. GRPO)."""
-    pass_k: int = 4
-    """k of ``grpo_passk``."""
+    pass_k: Count = 4
+    """k of ``grpo_passk`` (at most ``num_generations``)."""
     success_threshold: float = 1.0
     """A trajectory with reward ≥ this counts as a success (pass@k, grpo_passk)."""
     loss_type: LossType = "ppo"
     """Policy loss (docs/design.md)."""
     loss_aggregation: Aggregation = "token_mean"
     """How token losses are averaged."""
-    epsilon: float | None = None
-    """Lower clip range ε_low (ratio ≥ 1 − ε); ``None`` → the loss's default (ppo 0.2, cispo 1)."""
-    epsilon_high: float | None = None
-    """Upper clip range ε_high; ``None`` → the loss's default (ppo 0.2, cispo 6.0)."""
-    is_cap: float = 2.0
-    """Cap of the ratio in the ``is`` loss."""
-    tis_cap: float | None = 2.0
-    """Cap C of the truncated IS weight min(π_old/μ, C) between trainer and sampler; None = off."""
-    beta: float = 0.0
+    epsilon: Fraction | None = None
+    """Lower clip range ε_low in [0, 1] (ratio ≥ 1 − ε); ``None`` → the loss's default (ppo 0.2,
+    cispo 1)."""
+    epsilon_high: NonNegativeFloat | None = None
+    """Upper clip range ε_high ≥ 0; ``None`` → the loss's default (ppo 0.2, cispo 6.0)."""
+    is_cap: Cap = 2.0
+    """Cap (≥ 1) of the ratio in the ``is`` loss."""
+    tis_cap: Cap | None = 2.0
+    """Cap C ≥ 1 of the truncated IS weight min(π_old/μ, C) between trainer and sampler; None =
+    off."""
+    beta: NonNegativeFloat = 0.0
     """KL (k3) coefficient to the reference model (the adapter disabled); 0 = no reference pass."""
-    num_iterations: int = 1
+    num_iterations: Count = 1
     """Optimizer steps per batch (TRL's μ). 1: ``π_old`` is the policy itself, detached, so the
     clip acts only through the sampler/trainer gap (and staleness); > 1: ``π_old`` is frozen at
     the first pass and the later steps on the same batch are clipped against it (PPO epochs)."""
 
     # -- optimiser ------------------------------------------------------------------------------
-    learning_rate: float = 1e-4
+    learning_rate: PositiveFloat = 1e-4
     """Peak learning rate (AdamW)."""
-    weight_decay: float = 0.0
+    weight_decay: NonNegativeFloat = 0.0
     """AdamW weight decay."""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Linear warm-up steps, then constant."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping norm."""
+    max_grad_norm: PositiveFloat = 1.0
+    """Gradient clipping norm (> 0: the global gradient norm is scaled down to at most this)."""
 
     # -- model adaptation -------------------------------------------------------------------------
-    lora_rank: int = 0
+    lora_rank: NonNegativeInt = 0
     """LoRA rank; 0 = full fine-tuning."""
-    lora_alpha: int = 32
+    lora_alpha: Count = 32
     """LoRA alpha (scaling = alpha / rank)."""
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
-    """Modules that get adapters."""
+    """Modules that get adapters (at least one when ``lora_rank > 0``)."""
     load_in_4bit: bool = False
-    """4-bit base weights (bitsandbytes; CUDA only)."""
+    """4-bit base weights (bitsandbytes; CUDA only; frozen, so ``lora_rank > 0``)."""
     bf16: bool | None = None
     """bf16 autocast; ``None`` → on when CUDA is available."""
     fsdp: bool = False
@@ -215,12 +237,12 @@ class MultiTurnRLConfig(_Model):
     sampling. Synchronous rollouts, no 4-bit weights."""
 
     # -- evaluation, checkpoints, logging -------------------------------------------------------
-    eval_steps: int = 10
+    eval_steps: NonNegativeInt = 10
     """Strict evaluation on val every this many steps (0 = never during training)."""
-    eval_cases: int | None = None
+    eval_cases: Count | None = None
     """Limit the val cases evaluated during training (``None`` = all)."""
-    save_steps: int = 10
-    """Checkpoint every this many steps."""
+    save_steps: NonNegativeInt = 10
+    """Checkpoint every this many steps, and after the last (0 = never)."""
     mlflow: bool = True
     """Log to MLflow."""
     tracking_uri: str | None = None
@@ -258,27 +280,24 @@ LOSS_EPSILONS: dict[str, tuple[float, float]] = {
 
 
 def check_config(cfg: MultiTurnRLConfig) -> None:
-    """Cross-field rules; a :class:`UserError` naming the field."""
-    if cfg.num_iterations < 1:
-        raise UserError("config: num_iterations must be ≥ 1")
-    if cfg.num_generations < 1:
-        raise UserError("config: num_generations must be ≥ 1")
+    """The rules between fields (each field's own range is in its type); a :class:`UserError`
+    naming the fields."""
     if cfg.per_device_train_batch_size % cfg.num_generations:
         raise UserError(
             f"config: per_device_train_batch_size ({cfg.per_device_train_batch_size}) must be a "
             f"multiple of num_generations ({cfg.num_generations})"
         )
-    if cfg.advantage_method == "grpo_passk" and not 1 <= cfg.pass_k <= cfg.num_generations:
-        raise UserError("config: pass_k must be between 1 and num_generations")
-    if cfg.micro_batch_rows < 0:
-        raise UserError("config: micro_batch_rows must be ≥ 0 (0: automatic)")
-    for name in ("sampling_max_tokens", "max_steps", "micro_batch_tokens"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"config: {name} must be ≥ 1")
-    if cfg.async_config.max_steps_off_policy < 0:
-        raise UserError("config: async_config.max_steps_off_policy must be ≥ 0")
-    if cfg.lora_rank < 0:
-        raise UserError("config: lora_rank must be ≥ 0 (0 = full fine-tuning)")
+    if cfg.advantage_method == "grpo_passk" and cfg.pass_k > cfg.num_generations:
+        raise UserError(
+            f"config: pass_k ({cfg.pass_k}) must be between 1 and num_generations "
+            f"({cfg.num_generations}) for grpo_passk"
+        )
+    if cfg.lora_rank > 0 and not all(cfg.lora_target_modules or [""]):
+        raise UserError(
+            "config: lora_rank > 0 needs lora_target_modules: at least one module name, none empty"
+        )
+    if cfg.load_in_4bit and cfg.lora_rank == 0:
+        raise UserError("config: load_in_4bit needs lora_rank > 0 (4-bit weights are frozen)")
     if cfg.fsdp and cfg.async_config.max_steps_off_policy > 0:
         raise UserError(
             "config: fsdp needs synchronous rollouts (async_config.max_steps_off_policy = 0)"
@@ -326,7 +345,9 @@ def _read_recipe(recipe: str | Path) -> dict[str, Any]:
         raise UserError(f"{recipe}: no such recipe file")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{recipe}: not UTF-8 text ({exc.reason})") from None
+    except ValueError as exc:  # TOMLDecodeError, or an integer beyond Python's digit limit
         raise UserError(f"{recipe}: not valid TOML ({exc})") from None
 
 
@@ -348,43 +369,4 @@ def _validate(
     try:
         return MultiTurnRLConfig.model_validate(values, context={"checks": checks})
     except ValidationError as exc:
-        raise _user_error(exc, source, typed) from None
-
-
-def _user_error(exc: ValidationError, source: str, typed: Mapping[str, str]) -> UserError:
-    """The first error as one line naming ``source`` and the field as ``typed`` (alias or name)."""
-    error = exc.errors()[0]
-    loc = error["loc"]
-    model: type[BaseModel] = MultiTurnRLConfig
-    where = source
-    for depth, part in enumerate(loc):
-        field = model.model_fields.get(str(part))
-        key = typed.get(str(part), str(part))
-        if field is None:
-            return UserError(f"{where}: unknown field '{key}'")
-        nested = _model_class(field.annotation)
-        if nested is None or depth == len(loc) - 1:
-            expected = _expected(field.annotation)
-            return UserError(f"{where}: field '{key}' must be {expected}, got {error['input']!r}")
-        model, where = nested, f"{where}: {key}"
-    return UserError(f"{where}: {error['msg']}")
-
-
-def _model_class(tp: Any) -> type[BaseModel] | None:
-    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
-
-
-def _expected(tp: Any) -> str:
-    """What a field of type ``tp`` accepts, in words."""
-    nested = _model_class(tp)
-    if nested is not None:
-        return "a table of " + ", ".join(nested.model_fields)
-    args = get_args(tp)
-    if get_origin(tp) is Literal:
-        return "one of " + ", ".join(map(str, args))
-    if get_origin(tp) is list:
-        return "a list of strings"
-    if type(None) in args:
-        (inner,) = (arg for arg in args if arg is not type(None))
-        return f"{_expected(inner)} or none"
-    return _EXPECTED.get(tp, "a string")
+        raise user_error(exc, MultiTurnRLConfig, source, typed) from None

@@ -35,6 +35,8 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtrl_local.config import MultiTurnRLConfig
+from mtrl_local.env import ToolLimits
 from mtrl_local.errors import UserError
 from mtrl_local.eval_metrics import summarize
 from mtrl_local.model_io import load_model, resolve_device
@@ -80,6 +82,10 @@ class EvalConfig:
     """Episodes generated together (a batching knob; results do not depend on it)."""
     max_cases: int | None = None
     """Only the first ``max_cases`` cases of the split (quick looks and tests); ``None`` = all."""
+    tool_timeout_s: float | None = None
+    """Seconds a tool call may run (0: inline, no timeout); ``None`` keeps the environment's."""
+    max_tool_output_chars: int | None = None
+    """Longest tool result the agent sees; ``None`` keeps the environment's."""
     device: str = "auto"
     """Where a model loaded from a directory runs: ``auto`` (CUDA when available), ``cpu``…"""
 
@@ -95,6 +101,25 @@ class EvalConfig:
         ):
             if not ok:
                 raise UserError(f"eval: {name} must be {rule}, got {getattr(self, name)}")
+
+    @classmethod
+    def of_training(cls, cfg: MultiTurnRLConfig, split: str, max_turns: int) -> EvalConfig:
+        """How a training run evaluates on ``split``: its validation sampling, its turn limit and
+        tool limits; ``val`` on the first ``eval_cases`` cases, other splits whole."""
+        vsp = cfg.val_sampling_params
+        return cls(
+            split=split,
+            n_samples=vsp.n_samples,
+            temperature=vsp.temperature,
+            top_p=vsp.top_p,
+            sampling_max_tokens=vsp.sampling_max_tokens,
+            max_turns=max_turns,
+            success_threshold=cfg.success_threshold,
+            seed=cfg.seed,
+            max_cases=cfg.eval_cases if split == "val" else None,
+            tool_timeout_s=cfg.tool_timeout_s,
+            max_tool_output_chars=cfg.max_tool_output_chars,
+        )
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -161,7 +186,11 @@ def run_episodes(
     """``config.n_samples`` trajectories per case (case-major), each with its reward and its
     score (the engine applies ``reward_fn`` and ``scorer`` once per episode)."""
     engine = RolloutEngine(
-        model.sampler, model.tokenizer, max_batch=config.max_batch, progress=progress
+        model.sampler,
+        model.tokenizer,
+        max_batch=config.max_batch,
+        progress=progress,
+        tool_limits=ToolLimits(config.tool_timeout_s, config.max_tool_output_chars),
     )
     return engine.run(
         task,

@@ -21,6 +21,7 @@ from transformers import (
 
 from mtrl_local.chat import prepare_tokenizer_for_trl
 from mtrl_local.errors import UserError
+from mtrl_local.model_files import check_model_files
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -46,11 +47,29 @@ def load_model(
     A tokenizer that carries its own chat template keeps it (its turns would be misread by ours);
     one without a template gets ours, which needs its ``<|im_start|>``/``<|im_end|>`` tokens.
     """
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    check_model_files(Path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"model '{path}': its tokenizer cannot be loaded ({_first_line(exc)})"
+        ) from None
     if not tokenizer.chat_template:
         prepare_tokenizer_for_trl(tokenizer)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        why = _first_line(exc)
+        raise UserError(
+            f"model '{path}': config.json or weights cannot be loaded ({why})"
+        ) from None
     model.eval()
     return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    """A library's exception as one line (transformers' messages run over several)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from mtrl_local.errors import UserError
+from mtrl_local.model_files import check_model_files
 from mtrl_local.scoring import RewardFn
 from mtrl_local.task import Task
 
@@ -48,7 +49,7 @@ def load_object(
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise UserError(f"{what} '{spec}': cannot import module '{module_name}' ({exc})") from None
-    except Exception as exc:  # the module imports but breaks: still the user's file, one line
+    except (Exception, SystemExit) as exc:  # the module breaks (or exits): the user's file
         why = f"{type(exc).__name__}: {exc}"
         raise UserError(f"{what} '{spec}': importing '{module_name}' failed ({why})") from None
     if not hasattr(module, attr):
@@ -130,14 +131,12 @@ def resolve_model(spec: str | Path, progress: bool = True) -> Path:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """``path`` if it is a model directory (``config.json`` or a LoRA ``adapter_config.json``)."""
+    """``path`` if it is a model directory: a readable ``config.json`` (or a LoRA
+    ``adapter_config.json``), a tokenizer and whole weights (see :mod:`mtrl_local.model_files`)."""
     p = Path(path)
     if not p.is_dir():
         raise UserError(f"model '{path}': no such directory")
-    if not (p / "config.json").is_file() and not (p / "adapter_config.json").is_file():
-        raise UserError(
-            f"model '{path}': not a model directory (no config.json or adapter_config.json)"
-        )
+    check_model_files(p)
     return p
 
 

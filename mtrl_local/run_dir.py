@@ -5,8 +5,10 @@
     runs/<name>/
       config.json            the resolved config (what ``--resume`` reads back)
       run.sqlite             the run store (mtrl_local.store): metrics, trajectories, evaluations
+      run.lock               while a run writes here: its pid, host and start time
+                             (mtrl_local.train.run_lock; readers ignore it)
       mlflow.db, mlartifacts/, mlflow_run_id   the local MLflow store (mtrl_local.tracking)
-      checkpoints/step-NNNNNN/                 atomic checkpoints (mtrl_local.train.checkpoint)
+      checkpoints/step-NNNNNN/                 checked checkpoints (mtrl_local.train.checkpoint)
       rollouts-base-test.jsonl, rollouts-tuned-test.jsonl   test-split episodes (rollout files)
       eval_test.json         base vs tuned on the test split (an EvalReport)
       final_report.json      what ``mtrl train`` returns
@@ -22,6 +24,8 @@ from pathlib import Path
 
 #: The run store's file (its format: :mod:`mtrl_local.store_schema`).
 STORE_FILENAME = "run.sqlite"
+#: Held by the one process writing the run (:mod:`mtrl_local.train.run_lock`).
+LOCK_FILENAME = "run.lock"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,10 @@ class RunDir:
     @property
     def store(self) -> Path:
         return self.path / STORE_FILENAME
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_FILENAME
 
     @property
     def checkpoints(self) -> Path:

@@ -16,10 +16,12 @@ no harvesting of tool results. The rollout engine and the evaluation are *handed
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, Protocol
 
 from mtrl_local.env.actions import parse_answer
+from mtrl_local.errors import UserError
 
 Message = Mapping[str, Any]
 
@@ -41,6 +43,55 @@ class RewardFn(Protocol):
 
 #: ``scorer(messages, ground_truth) -> float`` in [0, 1]; :func:`strict_score` is the toolkit's.
 Scorer = Callable[[Sequence[Message], Mapping[str, Any]], float]
+
+
+class RewardError(UserError):
+    """A reward function raised or returned something that is not a reward (one line, exit 2)."""
+
+
+def reward_name(reward_fn: Callable[..., Any]) -> str:
+    """``module:function``, the way a reward is named on the command line."""
+    module = getattr(reward_fn, "__module__", None) or "?"
+    name = getattr(reward_fn, "__qualname__", None) or type(reward_fn).__name__
+    return f"{module}:{name}"
+
+
+def apply_reward(
+    reward_fn: RewardFn, messages: Sequence[Message], ground_truth: Mapping[str, Any]
+) -> RewardResult:
+    """``reward_fn``'s result, checked: a :class:`RewardResult` (or a ``(reward, metrics)``
+    pair, or a bare number with no metrics) whose rewards are finite numbers.
+
+    A reward function is user code; when it raises or returns something else the run cannot go
+    on with a meaningful signal, so the :class:`RewardError` names the function and what it did
+    instead of a traceback from deep inside the engine.
+    """
+    name = reward_name(reward_fn)
+    try:
+        result = reward_fn(messages, ground_truth)
+    except Exception as exc:
+        raise RewardError(f"reward '{name}' raised {type(exc).__name__}: {exc}") from None
+    reward, metrics = _unpack(result, name)
+    values = reward if isinstance(reward, list) else [reward]
+    if not all(_is_number(v) for v in values):
+        raise RewardError(f"reward '{name}' returned {reward!r}: expected a number or a list")
+    if not all(math.isfinite(v) for v in values):
+        raise RewardError(f"reward '{name}' returned {reward!r}: rewards must be finite")
+    floats = [float(v) for v in values]
+    return RewardResult(floats if isinstance(reward, list) else floats[0], metrics)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unpack(result: Any, name: str) -> tuple[Any, dict[str, float]]:
+    if _is_number(result):
+        return result, {}
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Mapping):
+        return result[0], dict(result[1])
+    got = type(result).__name__
+    raise RewardError(f"reward '{name}' returned a {got}: expected RewardResult(reward, metrics)")
 
 
 def scalar(reward: float | list[float]) -> float:

@@ -50,7 +50,10 @@ def test_recipe_then_overrides(tmp_path: Path) -> None:
         (["max_steps=1.5"], "field 'max_steps' must be an integer"),
         (["mlflow=maybe"], "field 'mlflow' must be true or false"),
         (["batch_size=10"], "must be a multiple of num_generations"),
-        (["async_config.max_steps_off_policy=-1"], "max_steps_off_policy must be ≥ 0"),
+        (
+            ["async_config.max_steps_off_policy=-1"],
+            "async_config: field 'max_steps_off_policy' must be an integer ≥ 0",
+        ),
         (["val_sampling_params=2"], "must be a table of"),
         (["val_sampling_params.nope=1"], "command line: val_sampling_params: unknown field 'nope'"),
         (["group_size=x"], "field 'group_size' must be an integer"),
@@ -87,7 +90,7 @@ def test_bool_is_not_a_number_in_a_recipe(tmp_path: Path) -> None:
     recipe = tmp_path / "r.toml"
     recipe.write_text("max_steps = true\n")
     with pytest.raises(
-        UserError, match=f"{recipe}: field 'max_steps' must be an integer, got True"
+        UserError, match=f"{recipe}: field 'max_steps' must be an integer ≥ 1, got True"
     ):
         load_config(recipe)
     recipe.write_text("mlflow = 1\n")

@@ -155,6 +155,31 @@ def test_long_tool_output_is_truncated_with_marker() -> None:
         assert ep.stats.tool_errors == 0
 
 
+def test_tool_limits_per_instance_and_their_checks() -> None:
+    env = Toy(max_tool_output_chars=10, tool_timeout_s=0)
+    assert (env.max_tool_output_chars, env.tool_timeout_s) == (10, 0)
+    assert (Toy.max_tool_output_chars, Toy.tool_timeout_s) == (4000, 30.0)
+    env.set_limits(tool_timeout_s=2.5)
+    assert (env.max_tool_output_chars, env.tool_timeout_s) == (10, 2.5)
+    with pytest.raises(ValueError, match="max_tool_output_chars"):
+        env.set_limits(max_tool_output_chars=0)
+    with pytest.raises(ValueError, match="tool_timeout_s"):
+        env.set_limits(tool_timeout_s=float("nan"))
+
+
+@pytest.mark.parametrize("timeout", [0.0, 30.0])
+def test_tools_answer_the_same_inline_and_on_a_worker_thread(timeout: float) -> None:
+    with Episode(Toy(tool_timeout_s=timeout), "c1") as ep:
+        ep.reset()
+        out = ep.step(call("add", {"a": 2, "b": 3}) + call("broken", {}) + call("nope", {}))
+        assert [m["content"] for m in out.messages] == [
+            "5",
+            "error: tool broken failed: KeyError: 'oops'",
+            "error: unknown tool 'nope'",
+        ]
+        assert (ep.stats.tool_errors, ep.stats.tool_timeouts) == (2, 0)
+
+
 def test_episode_ends_on_final_answer_no_action_and_max_turns() -> None:
     env = Toy()
     with Episode(env, "c1", max_turns=5) as ep:

@@ -84,7 +84,10 @@ def test_models_are_registered_names_or_model_directories(tmp_path: Path) -> Non
     with pytest.raises(UserError, match="not a model directory"):
         check_model(tmp_path)
     (tmp_path / "config.json").write_text("{}")
-    assert resolve_model(tmp_path) == tmp_path
+    with pytest.raises(UserError, match=r"config\.json names no model_type"):
+        check_model(tmp_path)
+    shipped = Path(__file__).parents[1] / "sopbench" / "default_model" / "shipped"
+    assert resolve_model(shipped) == shipped
 
 
 def test_agents_are_functions_or_command_lines() -> None:

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from mtrl_local.chat import encode_assistant
-from mtrl_local.env import Environment, render_final_response, render_tool_call
+from mtrl_local.env import Environment, ToolLimits, render_final_response, render_tool_call
 from mtrl_local.env.actions import FINAL_OPEN, TOOL_CALL_OPEN
 from mtrl_local.metrics import FAILURE_RATE, TRUNCATED_FRAC, TURNS_MAX_TURNS_FRAC, rollout_metrics
 from mtrl_local.plugins import load_task
@@ -491,3 +491,26 @@ def test_rows_finishing_early_are_compacted_and_reused(tok: PreTrainedTokenizerB
     reused.release("e0")
     reused.load_state_dict(model.state_dict(), version=3)
     assert reused.cached_episodes == 0 and reused.policy_version == 3
+
+
+def test_the_engines_tool_limits_reach_every_environment(
+    tok: PreTrainedTokenizerBase, cases: list[Case]
+) -> None:
+    answer = ids(tok, render_final_response({"aircraft_ready": False}))
+    script = {
+        episode_key(c.case_id, 0): [
+            ids(tok, render_tool_call("lookup_aircraft", {"aircraft_id": c.inputs["aircraft_id"]})),
+            answer,
+        ]
+        for c in cases[:2]
+    }
+    engine = RolloutEngine(
+        ScriptedSampler(script, eos(tok)),
+        tok,
+        progress=False,
+        tool_limits=ToolLimits(timeout_s=0, max_output_chars=40),
+    )
+    trajs = checked(engine.run(TASK, cases[:2], sampling=SamplingParams(max_tokens=64)))
+    for traj in trajs:
+        [result] = [m["content"] for m in traj.messages if m["role"] == "tool"]
+        assert result[:40] and result[40:].startswith("…[truncated "), result

@@ -5,6 +5,8 @@ external agent end to end (the example agent as a subprocess, through the real `
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Mapping, Sequence
@@ -99,9 +101,12 @@ def serve(sampler: Any, tokenizer: Any, **kwargs: Any) -> RolloutServer:
     return RolloutServer(sampler, tokenizer, token=TOKEN, **kwargs).start()
 
 
-def client(server: RolloutServer, episode: str | None = None) -> openai.OpenAI:
-    headers = {EPISODE_HEADER: episode} if episode else None
-    return openai.OpenAI(base_url=server.url, api_key=TOKEN, max_retries=0, default_headers=headers)
+def client(server: RolloutServer, episode: EpisodeRecord) -> openai.OpenAI:
+    """An agent's client: the episode's own key, and (optional, checked) its id in the header."""
+    headers = {EPISODE_HEADER: episode.episode_id}
+    return openai.OpenAI(
+        base_url=server.url, api_key=episode.key, max_retries=0, default_headers=headers
+    )
 
 
 def opening() -> list[dict[str, Any]]:
@@ -114,8 +119,8 @@ def opening() -> list[dict[str, Any]]:
 def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
     sampler = TextSampler(tokenizer, [CALL, FINAL])
     with serve(sampler, tokenizer) as server:
-        server.registry.assign(EpisodeRecord("ep1", task="t", case_id="c", group_id="g"))
-        api = client(server, "ep1")
+        rec = server.registry.assign(EpisodeRecord("ep1", task="t", case_id="c", group_id="g"))
+        api = client(server, rec)
         messages = opening()
         first = api.chat.completions.create(model="policy", messages=messages, tools=TOOLS)  # type: ignore[arg-type]
         choice = first.choices[0]
@@ -132,7 +137,7 @@ def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
         assert second.choices[0].message.content == FINAL
         r = httpx.post(
             f"{server.url}/episodes/ep1/reward",
-            headers={"Authorization": f"Bearer {TOKEN}"},
+            headers={"Authorization": f"Bearer {rec.key}"},
             json={"reward": [0.0, 1.0], "metrics": {"field_acc": 1.0}},
         )
         assert r.status_code == 200 and r.json()["state"] == "finished"
@@ -154,8 +159,8 @@ def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
 def test_rewritten_history_is_detected_and_not_trained(tokenizer: Any) -> None:
     sampler = TextSampler(tokenizer, [CALL])
     with serve(sampler, tokenizer) as server:
-        server.registry.assign(EpisodeRecord("ep", group_id="g"))
-        api = client(server, "ep")
+        rec = server.registry.assign(EpisodeRecord("ep", group_id="g"))
+        api = client(server, rec)
         messages = opening()
         reply = api.chat.completions.create(model="policy", messages=messages, tools=TOOLS)  # type: ignore[arg-type]
         messages.append(reply.choices[0].message.model_dump(exclude_none=True))
@@ -173,8 +178,8 @@ def test_rewritten_history_is_detected_and_not_trained(tokenizer: Any) -> None:
 def test_retry_rolls_back_and_other_choice_is_recorded(tokenizer: Any) -> None:
     sampler = TextSampler(tokenizer, ["first answer", "second answer", "third answer"])
     with serve(sampler, tokenizer) as server:
-        server.registry.assign(EpisodeRecord("ep", group_id="g"))
-        api = client(server, "ep")
+        rec = server.registry.assign(EpisodeRecord("ep", group_id="g"))
+        api = client(server, rec)
         messages = opening()
         api.chat.completions.create(model="policy", messages=messages)  # type: ignore[arg-type]
         # A retry (same history, our reply dropped) rolls the turn back and samples it again.
@@ -198,8 +203,8 @@ def test_retry_rolls_back_and_other_choice_is_recorded(tokenizer: Any) -> None:
 
 def test_auth_and_malformed_bodies(tokenizer: Any) -> None:
     with serve(TextSampler(tokenizer, [FINAL]), tokenizer) as server:
-        server.registry.assign(EpisodeRecord("ep", group_id="g"))
-        url, auth = server.url, {"Authorization": f"Bearer {TOKEN}"}
+        rec = server.registry.assign(EpisodeRecord("ep", group_id="g"))
+        url, auth = server.url, {"Authorization": f"Bearer {rec.key}"}
         body = {"messages": opening()}
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).chat.completions.create(
@@ -215,15 +220,18 @@ def test_auth_and_malformed_bodies(tokenizer: Any) -> None:
             ({"json": {"messages": [{"role": "robot", "content": "x"}]}}, "role"),
             ({"json": {**body, "temperature": "hot"}}, "temperature"),
             ({"json": {**body, "stream": True, "user": "ep"}}, "stream"),
-            ({"json": body}, "episode"),
         ]
         for kwargs, word in cases:
             headers = {**auth, **kwargs.pop("headers", {})}
             r = httpx.post(f"{url}/chat/completions", headers=headers, **kwargs)
             assert r.status_code == 400, (word, r.text)
             assert word.lower() in r.json()["error"]["message"].lower(), r.text
+        # The server token opens episodes but acts on none; a key acts on its own episode only.
+        server_token = {"Authorization": f"Bearer {TOKEN}"}
+        r = httpx.post(f"{url}/chat/completions", headers=server_token, json=body)
+        assert r.status_code == 401 and "episode key" in r.json()["error"]["message"]
         r = httpx.post(f"{url}/chat/completions", headers=auth, json={**body, "user": "nope"})
-        assert r.status_code == 404
+        assert r.status_code == 401 and "'nope'" in r.json()["error"]["message"]
         ok = httpx.post(f"{url}/chat/completions", headers=auth, json={**body, "user": "ep"})
         assert ok.status_code == 200
         bad = httpx.post(f"{url}/episodes/ep/reward", headers=auth, json={"reward": [1, 2, 3]})
@@ -235,16 +243,14 @@ def test_auth_and_malformed_bodies(tokenizer: Any) -> None:
 def test_concurrent_episodes_share_one_generate_call(tokenizer: Any) -> None:
     sampler = TextSampler(tokenizer, [FINAL])
     with serve(sampler, tokenizer, batch_window_s=0.2) as server:
-        ids = [f"ep{i}" for i in range(6)]
-        for i in ids:
-            server.registry.assign(EpisodeRecord(i, group_id="g"))
-        barrier = threading.Barrier(len(ids))
+        recs = [server.registry.assign(EpisodeRecord(f"ep{i}", group_id="g")) for i in range(6)]
+        barrier = threading.Barrier(len(recs))
 
-        def ask(episode: str) -> None:
+        def ask(episode: EpisodeRecord) -> None:
             barrier.wait()
             client(server, episode).chat.completions.create(model="policy", messages=opening())  # type: ignore[arg-type]
 
-        threads = [threading.Thread(target=ask, args=(i,)) for i in ids]
+        threads = [threading.Thread(target=ask, args=(r,)) for r in recs]
         for t in threads:
             t.start()
         for t in threads:
@@ -361,6 +367,30 @@ def test_example_agent_trains_end_to_end(tiny_model: Path, tmp_path: Path) -> No
                 assert traj.behaviour_logprobs[span.start : span.end] == logprobs
     assert trainer.store.latest_metrics()["rollout/failure_rate"] == 0.0
     trainer.close()
+
+
+def test_example_agent_runs_standalone_on_a_key_of_its_own(tokenizer: Any) -> None:
+    """Without the trainer: the server token opens an episode, its returned key runs it."""
+    sampler = TextSampler(tokenizer, [FINAL])
+    with serve(sampler, tokenizer) as server:
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("MTRL_", "OPENAI_"))},
+            "OPENAI_BASE_URL": server.url,
+            "OPENAI_API_KEY": TOKEN,
+        }
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "examples" / "aircraft_agent.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (episode,) = server.registry.ids()
+        rec = server.registry.get(episode)
+    assert rec.state == "finished" and not rec.assigned and len(rec.turns) == 1
+    assert isinstance(rec.reward, float) and rec.done_reason == "final_answer"
 
 
 FLAKY_AGENT = """

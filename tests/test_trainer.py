@@ -193,9 +193,54 @@ def _steps_so_far(db: Path) -> int:
         return 0
 
 
+#: How long a subprocess may show no progress (no new log output, no new stored step) before a
+#: test gives up on it. Generous: on a machine whose cores are shared a step can take minutes.
+PATIENCE_S = 900.0
+_HOLD_AFTER, _HOLD_FILE = "MTRL_TEST_HOLD_AFTER", "MTRL_TEST_HOLD_FILE"
+_scored = 0
+
+
+def held_dense_reward(messages: Any, ground_truth: Any, **kwargs: Any) -> Any:
+    """The default reward; with ``MTRL_TEST_HOLD_AFTER=N`` in the environment, the process stops
+    in the (N+1)-th call, after touching ``MTRL_TEST_HOLD_FILE``: a run held mid-step for as long
+    as a test needs, instead of a race against its next steps."""
+    from rewards.dense import dense_reward
+
+    global _scored
+    _scored += 1
+    if _scored > int(os.environ.get(_HOLD_AFTER, "0")) > 0:
+        Path(os.environ[_HOLD_FILE]).touch()
+        while True:
+            time.sleep(1)
+    return dense_reward(messages, ground_truth, **kwargs)
+
+
+def _wait_for(done: Any, proc: subprocess.Popen[bytes], log: Path, db: Path, what: str) -> None:
+    """Poll until ``done()``. Fails only if ``proc`` exits first, or shows no progress for
+    ``PATIENCE_S`` — never on a fixed wall-clock, which a busy machine would exceed."""
+    seen, quiet_since = None, time.monotonic()
+    while not done():
+        if proc.poll() is not None and not done():
+            pytest.fail(f"{what}: the run ended first ({proc.returncode}): {_tail(log)}")
+        progress = (log.stat().st_size, _steps_so_far(db))
+        if progress != seen:
+            seen, quiet_since = progress, time.monotonic()
+        elif time.monotonic() - quiet_since > PATIENCE_S:
+            pytest.fail(f"{what}: no progress for {PATIENCE_S:.0f} s: {_tail(log)}")
+        time.sleep(0.2)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:]
+
+
 def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A run held in the middle of step 3 refuses a second writer, is killed with SIGKILL, and
+    its resume clears the stale lock, redoes step 3 and finishes: no episode lost or doubled."""
+    from mtrl_local.cli import main
+
     args = [
         sys.executable,
         "-m",
@@ -211,45 +256,56 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(
         "killed",
         "--no-baseline",
         "--no-final-eval",
-        "max_steps=6",
+        "max_steps=4",
         "num_generations=2",
         "batch_size=4",
         "sampling_max_tokens=48",
         "eval_steps=0",
         "save_steps=1",
         "mlflow=false",
+        "reward=tests.test_trainer:held_dense_reward",
     ]
-    run_dir = tmp_path / "killed"
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
+    run_dir, held, log = tmp_path / "killed", tmp_path / "held", tmp_path / "killed.log"
+    db = run_dir / "run.sqlite"
+    resume = [*args[:4], "--resume", str(run_dir), "--no-baseline", "--no-final-eval"]
+    env = {**os.environ, _HOLD_AFTER: str(2 * 4), _HOLD_FILE: str(held)}  # steps 1-2 scored
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=out, env=env)
     try:
-        while time.time() < deadline:
-            if _steps_so_far(run_dir / "run.sqlite") >= 2:
-                break
-            if proc.poll() is not None:
-                pytest.fail(f"training ended early: {proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.05)
-        else:
-            pytest.fail("training never reached step 2")
-        os.kill(proc.pid, signal.SIGKILL)  # mid-step: the next step is already generating
+        _wait_for(held.exists, proc, log, db, "waiting for step 3 to start")
+        refused = main([*resume[3:], "max_steps=4"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert refused == 2
+        assert err[-1].startswith(f"mtrl: error: {run_dir}: in use by pid {proc.pid} on ")
+        os.kill(proc.pid, signal.SIGKILL)  # mid-step: step 3 is being scored
     finally:
-        proc.wait(timeout=30)
+        proc.kill()
+        proc.wait(timeout=PATIENCE_S)
     assert proc.returncode == -signal.SIGKILL
-    before = _rows(run_dir / "run.sqlite")
-    steps_before = {r[0] for r in before}
+    before = _rows(db)
+    assert sorted({r[0] for r in before}) == [1, 2]
+    assert (run_dir / "checkpoints" / "step-000002").is_dir()
 
-    resumed = _run([*args[:4], "--resume", str(run_dir), "max_steps=6"], timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    rows = _rows(run_dir / "run.sqlite")
+    resume_log = tmp_path / "resumed.log"
+    with resume_log.open("wb") as out:
+        resumed = subprocess.Popen(resume, stdout=subprocess.DEVNULL, stderr=out)
+    try:
+        _wait_for(lambda: resumed.poll() is not None, resumed, resume_log, db, "the resume")
+    finally:
+        resumed.kill()
+        resumed.wait(timeout=PATIENCE_S)
+    assert resumed.returncode == 0, _tail(resume_log)
+    assert f"{run_dir}: cleared a stale lock of pid {proc.pid} on " in resume_log.read_text()
+    rows = _rows(db)
     assert len(rows) == len(set(rows)), "duplicated trajectory rows"
-    assert sorted({r[0] for r in rows}) == [1, 2, 3, 4, 5, 6]
-    assert len(rows) == 6 * 4
+    assert sorted({r[0] for r in rows}) == [1, 2, 3, 4]
+    assert len(rows) == 4 * 4
     assert set(before) <= set(rows), "a stored trajectory was lost"
-    assert steps_before <= {1, 2, 3, 4, 5, 6}
     with RunStore.open(run_dir, readonly=True) as store:
-        assert store.steps()[-1] == 6
+        assert store.steps()[-1] == 4
         assert store.run().status == "finished"
-    assert (run_dir / "checkpoints" / "step-000006").is_dir()
+    assert (run_dir / "checkpoints" / "step-000004").is_dir()
+    assert not (run_dir / "run.lock").exists()
 
 
 #: ``accelerate launch`` of 2 processes. ``--multi_gpu`` selects the torchrun launcher, which on a

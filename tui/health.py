@@ -54,12 +54,21 @@ def recent_mean(points: Series, n: int = 3) -> float | None:
 def sparkline(points: Series, width: int = 16) -> str:
     """The last ``width`` values as block characters, scaled between their min and max."""
     values = [v for _, v in points[-width:]]
-    if not values:
-        return ""
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        return _SPARK[3] * len(values)
-    return "".join(_SPARK[round((v - lo) / (hi - lo) * (len(_SPARK) - 1))] for v in values)
+    shown = [v for v in values if v is not None and math.isfinite(v)]
+    if not shown:
+        return "·" * len(values)
+    lo, hi = min(shown), max(shown)
+
+    def block(v: float) -> str:  # a NaN or infinite point is a gap, not a crash
+        if v is None or not math.isfinite(v):
+            return "·"
+        return (
+            _SPARK[3]
+            if hi - lo < 1e-12
+            else _SPARK[round((v - lo) / (hi - lo) * (len(_SPARK) - 1))]
+        )
+
+    return "".join(block(v) for v in values)
 
 
 def fmt_value(value: float | None, kind: str = "float") -> str:
@@ -68,6 +77,8 @@ def fmt_value(value: float | None, kind: str = "float") -> str:
         return "—"
     if math.isnan(value):
         return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
     if kind == "frac":
         return f"{value:.1%}"
     if kind == "int":

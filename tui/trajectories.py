@@ -120,9 +120,35 @@ def _short(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f" … (+{len(text) - limit} chars)"
 
 
+#: Control characters other than newline and tab: shown escaped, so model or tool text can
+#: neither move the cursor, clear the screen nor retitle the terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to draw: control characters escaped (``\\x1b``), lone surrogates replaced.
+
+    Rich ``Text`` never reads markup, so ``[bold]`` in model output is already shown as typed;
+    what is left to neutralise is what a terminal would act on, and what cannot be encoded.
+    """
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def _model_text(content: str) -> str:
-    """The model's prose with the tool-call blocks taken out (they are shown parsed)."""
-    return re.sub(r"<tool_call>.*?</tool_call>", "", content, flags=re.S).strip()
+    """The model's prose with the tool-call blocks taken out (they are shown parsed).
+
+    A left-to-right scan, linear in the text: an unclosed ``<tool_call>`` keeps the rest as it is.
+    """
+    kept, pos = [], 0
+    while (start := content.find("<tool_call>", pos)) != -1:
+        end = content.find("</tool_call>", start)
+        if end == -1:
+            break
+        kept.append(content[pos:start])
+        pos = end + len("</tool_call>")
+    kept.append(content[pos:])
+    return "".join(kept).strip()
 
 
 def _turn_header(t: TrajectoryRecord, k: int) -> Text:
@@ -135,6 +161,20 @@ def _turn_header(t: TrajectoryRecord, k: int) -> Text:
     if t.per_turn_rewards is not None and k < len(t.per_turn_rewards):
         head.append(f" · reward {t.per_turn_rewards[k]:+.3f}", style="cyan")
     return head
+
+
+#: The lenient reader backtracks over unclosed tags and braces; the dashboard shows what it
+#: finds in each turn's last characters only, so no model output can stall the display.
+LENIENT_TAIL_CHARS = 4_000
+
+
+def _tail(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {**m, "content": m["content"][-LENIENT_TAIL_CHARS:]}
+        if isinstance(m.get("content"), str)
+        else m
+        for m in messages
+    ]
 
 
 def answer_table(
@@ -153,7 +193,7 @@ def answer_table(
         parts.append(
             Text("no <final_response> block: the strict scorer reads no answer", style="bold red")
         )
-        shown = lenient_parse(messages)  # display only: what a lenient reward would have read
+        shown = lenient_parse(_tail(messages))  # display only: what a lenient reward reads
         if shown is not None:
             parts.append(
                 Text("an answer written another way (not read by the strict scorer):", style="dim")
@@ -167,7 +207,7 @@ def answer_table(
     table.add_column("", style="dim")
     for key, expected in ground_truth.items():
         ok = matches.get(key, False)
-        value = "—" if shown is None or key not in shown else normalize(shown[key])
+        value = "—" if shown is None or key not in shown else printable(normalize(shown[key]))
         mark = Text("✓", style="bold green") if ok else Text("✗", style="bold red")
         unread = not ok and answer is None and value == normalize(expected)
         style = "green" if ok else "yellow" if unread else "red"
@@ -175,7 +215,13 @@ def answer_table(
         table.add_row(mark, key, Text(value, style=style), normalize(expected), note)
     extra = {k: v for k, v in (shown or {}).items() if k not in ground_truth}
     for key, value in extra.items():
-        table.add_row(Text("?", style="yellow"), key, normalize(value), "", "not a field")
+        table.add_row(
+            Text("?", style="yellow"),
+            printable(key),
+            printable(normalize(value)),
+            "",
+            "not a field",
+        )
     n_ok = sum(matches.values())
     all_ok = bool(matches) and all(matches.values())
     parts.append(
@@ -225,7 +271,8 @@ def trajectory_view(t: TrajectoryRecord) -> RenderableType:
     turn = 0
     for m in t.messages or []:
         role = m.get("role")
-        content = str(m.get("content") or "")
+        raw = str(m.get("content") or "")
+        content = printable(raw)
         if role == "system":
             # The SOP is the same in every episode: its first line says which one it is.
             first = content.strip().splitlines()[0] if content.strip() else ""
@@ -238,19 +285,22 @@ def trajectory_view(t: TrajectoryRecord) -> RenderableType:
             prose = _model_text(content)
             if prose:
                 parts.append(Text.assemble(("model: ", "bold blue"), prose))
-            for call in parse_tool_calls(content):
+            for call in parse_tool_calls(raw):
                 if call.error is not None:
-                    parts.append(Text(f"tool call (malformed): {call.error}", style="red"))
+                    why = printable(call.error)
+                    parts.append(Text(f"tool call (malformed): {why}", style="red"))
                     continue
-                args = json.dumps(call.arguments, ensure_ascii=False)
+                args = printable(json.dumps(call.arguments, ensure_ascii=False))
                 parts.append(
-                    Text.assemble(("call ", "bold yellow"), (str(call.name), "yellow"), f" {args}")
+                    Text.assemble(
+                        ("call ", "bold yellow"), (printable(str(call.name)), "yellow"), f" {args}"
+                    )
                 )
         elif role == "tool":
             style = "red" if content.startswith("error: ") else "green"
             parts.append(
                 Text.assemble(
-                    (f"  ↳ {m.get('name', 'tool')}: ", style),
+                    (f"  ↳ {printable(str(m.get('name', 'tool')))}: ", style),
                     (_short(content, MAX_TOOL_CHARS), "default"),
                 )
             )

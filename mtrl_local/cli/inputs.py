@@ -9,7 +9,6 @@ they are located (and built on first use) when the command runs.
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from mtrl_local.config import MultiTurnRLConfig, load_config, parse_overrides
 from mtrl_local.errors import UserError
+from mtrl_local.jsonl import read_json
 from mtrl_local.plugins import check_model, load_reward, load_task, resolve_agent
 from mtrl_local.run_dir import RunDir
 from mtrl_local.scoring import RewardFn
@@ -65,7 +65,9 @@ def train_config(args: argparse.Namespace) -> tuple[MultiTurnRLConfig, Path | No
     run = RunDir(Path(args.resume))
     if not run.config.is_file():
         raise UserError(f"{args.resume}: not a run directory (no {run.config.name})")
-    saved = json.loads(run.config.read_text())
+    saved = read_json(run.config)
+    if not isinstance(saved, dict):
+        raise UserError(f"{run.config}: expected a JSON object")
     saved.update(overrides)
     return load_config(None, saved), run.path
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from mtrl_local.cli.values import OneLineParser, integer, number
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.errors import UserError
 from mtrl_local.plugins import command_plugins
@@ -39,13 +40,15 @@ def _add_suite_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=SPLITS, default=None)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--noise-rate", type=float, default=0.08)
+    p.add_argument("--noise-rate", type=number(0.0, 1.0), default=0.08)
 
     p = sub.add_parser("audit", help="run the pytest-driven reward audits")
     p.add_argument("--task", default="aircraft_inspection")
     p.add_argument("--reward", default="rewards.dense:dense_reward", help="module:function")
     p.add_argument("--rollouts", default=None, help="rollout file (default: noisy expert, val)")
-    p.add_argument("--bound", type=float, default=0.02, help="max share of over-credited episodes")
+    p.add_argument(
+        "--bound", type=number(0.0, 1.0), default=0.02, help="max share of over-credited episodes"
+    )
     p.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
 
 
@@ -57,11 +60,11 @@ def _add_eval_args(p: argparse.ArgumentParser, model_default: str | None) -> Non
     else:
         p.add_argument("--model", default=model_default, help="model directory, or 'default'")
     p.add_argument("--split", choices=SPLITS, default="test")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-tokens", type=int, default=512, help="per-turn token budget")
-    p.add_argument("--max-turns", type=int, default=None, help="default: the task's")
-    p.add_argument("--max-cases", type=int, default=None, help="only the first N cases")
-    p.add_argument("--max-batch", type=int, default=64, help="episodes generated together")
+    p.add_argument("--top-p", type=number(0.0, 1.0, low_open=True), default=1.0)
+    p.add_argument("--max-tokens", type=integer(1), default=512, help="per-turn token budget")
+    p.add_argument("--max-turns", type=integer(1), default=None, help="default: the task's")
+    p.add_argument("--max-cases", type=integer(1), default=None, help="only the first N cases")
+    p.add_argument("--max-batch", type=integer(1), default=64, help="episodes generated together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="rewards.dense:dense_reward", help="module:function")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
@@ -72,15 +75,22 @@ def _add_eval_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a split with the strict scorer")
     _add_eval_args(p, model_default=None)
     p.add_argument("--base-model", default=None, help="also evaluate this base (dir or 'default')")
-    p.add_argument("--n", type=int, default=1, help="samples per case (pass@1 and pass@n)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--n", type=integer(1), default=1, help="samples per case (pass@1 and pass@n)")
+    p.add_argument("--temperature", type=number(0.0), default=0.0, help="0 = greedy")
 
     p = sub.add_parser(
         "baseline", help="the base model through the evaluation (greedy [+ sampled])"
     )
     _add_eval_args(p, model_default="default")
-    p.add_argument("--n", type=int, default=1, help="> 1: a second, sampled pass with n per case")
-    p.add_argument("--sample-temperature", type=float, default=1.0, help="of the sampled pass")
+    p.add_argument(
+        "--n", type=integer(1), default=1, help="> 1: a second, sampled pass with n per case"
+    )
+    p.add_argument(
+        "--sample-temperature",
+        type=number(0.0, low_open=True),
+        default=1.0,
+        help="of the sampled pass",
+    )
     p.set_defaults(temperature=0.0)
 
 
@@ -111,11 +121,14 @@ def _add_train_command(sub: argparse._SubParsersAction) -> None:
         "run once per episode against the rollout server (OPENAI_BASE_URL / OPENAI_API_KEY)",
     )
     p.add_argument(
-        "--agent-workers", type=int, default=None, help="agents run at once (default: batch size)"
+        "--agent-workers",
+        type=integer(1),
+        default=None,
+        help="agents run at once (default: batch size)",
     )
     p.add_argument(
         "--agent-timeout",
-        type=float,
+        type=number(0.0, low_open=True),
         default=120.0,
         help="seconds an agent may stay silent before its episode fails",
     )
@@ -136,7 +149,7 @@ def _add_plugin_commands(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used by the docs and tests)."""
-    parser = argparse.ArgumentParser(prog="mtrl", description=DESCRIPTION)
+    parser = OneLineParser(prog="mtrl", description=DESCRIPTION)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_suite_commands(sub)

@@ -17,6 +17,7 @@ from mtrl_local.env.base import (
     ToolResult,
     run_episode,
 )
+from mtrl_local.env.calls import ToolLimits
 from mtrl_local.env.patterns import (
     FixtureEnvironment,
     SandboxEnvironment,
@@ -40,6 +41,7 @@ __all__ = [
     "Tool",
     "ToolArgumentError",
     "ToolError",
+    "ToolLimits",
     "ToolResult",
     "canonical_key",
     "has_final_response",

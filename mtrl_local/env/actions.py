@@ -4,14 +4,19 @@ The model writes ``<tool_call>{"name": …, "arguments": {…}}</tool_call>`` bl
 task with ``<final_response>{…}</final_response>``. This module is the one home of those tags:
 the chat template, the episode driver, the scorers and the rollout server take them from here.
 
-Parsers never raise: a malformed tool call becomes a :class:`ParsedCall` with ``error`` set (the
-episode turns it into an error string for the agent), and an unreadable final answer is ``None``.
+Parsers never raise and take time linear in the text, whatever the model wrote: a malformed tool
+call becomes a :class:`ParsedCall` with ``error`` set (the episode turns it into an error string
+for the agent), and an unreadable final answer is ``None``. JSON is read strictly
+(:func:`load_json`): no NaN or Infinity, no integer over :data:`MAX_INT_DIGITS` digits, no float
+beyond the double range, no nesting deeper than :data:`MAX_JSON_DEPTH`, no lone surrogate, so
+whatever a parser returns can be compared, serialised and stored downstream.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,8 +29,30 @@ FINAL_CLOSE = "</final_response>"
 #: Every tag the agent writes (single added tokens in our tokenizer).
 TAGS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, FINAL_OPEN, FINAL_CLOSE)
 
-TOOL_CALL_RE = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CALL_CLOSE), re.S)
-FINAL_RE = re.compile(re.escape(FINAL_OPEN) + r"(.*?)" + re.escape(FINAL_CLOSE), re.S)
+#: Longest integer (in digits) a parser accepts: Python's default limit for int-from-string, fixed
+#: here so that parsing does not depend on ``sys.set_int_max_str_digits``.
+MAX_INT_DIGITS = 4300
+#: Deepest JSON nesting a parser accepts (the outer object is level 1); far beyond any real
+#: action, and far below the recursion limit of the code that handles the parsed value.
+MAX_JSON_DEPTH = 100
+
+
+def _block_re(open_tag: str, close_tag: str) -> re.Pattern[str]:
+    """A block from ``open_tag`` to the first ``close_tag`` after it (its text is group 1), or,
+    when none follows, from ``open_tag`` to the end of the text (group 1 is ``None``).
+
+    The second branch is what makes a scan linear: a search that only matched closed blocks
+    would, after failing at an unclosed tag, try again at every later one and read the rest of the
+    text each time (quadratic in a tag repeated until the token budget ran out). Here the first
+    unclosed tag consumes the rest, so each character is read a bounded number of times.
+    """
+    return re.compile(f"{re.escape(open_tag)}(?:(.*?){re.escape(close_tag)}|.*)", re.S)
+
+
+#: ``<tool_call>…</tool_call>`` blocks, or an unclosed tail (group 1 ``None``): :func:`_block_re`.
+TOOL_CALL_RE = _block_re(TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+#: ``<final_response>…</final_response>`` blocks, or an unclosed tail (group 1 ``None``).
+FINAL_RE = _block_re(FINAL_OPEN, FINAL_CLOSE)
 
 
 @dataclass(frozen=True)
@@ -43,19 +70,20 @@ def parse_tool_calls(text: str) -> list[ParsedCall]:
     calls: list[ParsedCall] = []
     end = 0
     for m in TOOL_CALL_RE.finditer(text):
+        if m.group(1) is None:
+            # An opened block that never closes: usually the turn hit its token budget.
+            calls.append(ParsedCall(None, None, "unterminated tool_call block", text[end:]))
+            break
         end = m.end()
         calls.append(_parse_call(m.group(1).strip()))
-    if TOOL_CALL_OPEN in text[end:]:
-        # An opened block that never closes: usually the turn hit its token budget.
-        calls.append(ParsedCall(None, None, "unterminated tool_call block", text[end:]))
     return calls
 
 
 def _parse_call(raw: str) -> ParsedCall:
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        return ParsedCall(None, None, "tool call is not valid JSON", raw)
+        obj = load_json(raw)
+    except UnreadableJSON as exc:
+        return ParsedCall(None, None, f"tool call {exc}", raw)
     if not isinstance(obj, dict):
         return ParsedCall(None, None, "tool call must be a JSON object", raw)
     name = obj.get("name")
@@ -63,9 +91,10 @@ def _parse_call(raw: str) -> ParsedCall:
         return ParsedCall(None, None, "tool call has no 'name'", raw)
     arguments = obj.get("arguments", {})
     if isinstance(arguments, str):
-        # Some models emit arguments as a JSON-encoded string (OpenAI wire format).
-        with contextlib.suppress(json.JSONDecodeError):
-            arguments = json.loads(arguments)
+        # Some models emit arguments as a JSON-encoded string (OpenAI wire format); one that does
+        # not decode stays a string, which the tool refuses as "not a JSON object".
+        with contextlib.suppress(UnreadableJSON):
+            arguments = load_json(arguments)
     return ParsedCall(name, arguments, None, raw)
 
 
@@ -95,12 +124,12 @@ def extract_final_response(text: str | None) -> dict[str, Any] | None:
     """
     if not text:
         return None
-    blocks = FINAL_RE.findall(text)
+    blocks = [m.group(1) for m in FINAL_RE.finditer(text) if m.group(1) is not None]
     if not blocks:
         return None
     try:
-        obj = json.loads(blocks[-1])
-    except (json.JSONDecodeError, RecursionError):
+        obj = load_json(blocks[-1])
+    except UnreadableJSON:
         return None
     return obj if isinstance(obj, dict) else None
 
@@ -118,3 +147,80 @@ def render_tool_call(name: str, arguments: dict[str, Any]) -> str:
 def render_final_response(answer: dict[str, Any]) -> str:
     """Canonical text of a final answer."""
     return f"{FINAL_OPEN}{json.dumps(answer)}{FINAL_CLOSE}"
+
+
+# -- strict JSON ----------------------------------------------------------------------------------
+class UnreadableJSON(ValueError):
+    """Text that :func:`load_json` refuses; the message completes "tool call …"."""
+
+
+#: The characters that open or close a JSON string or container, and the string escape.
+_JSON_STRUCTURE = re.compile(r'[\[\]{}"\\]')
+
+
+def load_json(text: str) -> Any:
+    """``text`` as JSON, or :class:`UnreadableJSON` saying why not (never another exception).
+
+    Stricter than :func:`json.loads` where a value would break the code handling it: NaN and
+    Infinity (not JSON) and floats that overflow to infinity, integers over
+    :data:`MAX_INT_DIGITS` digits (``int()`` refuses them and is quadratic in the digits), nesting
+    deeper than :data:`MAX_JSON_DEPTH` (the decoder and every later serialisation recurse) and
+    lone surrogates (no UTF-8 encoding: the value could not be sent or stored).
+    """
+    if _nested_deeper_than(text, MAX_JSON_DEPTH):
+        raise UnreadableJSON(f"is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(
+            text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_refuse_constant
+        )
+    except UnreadableJSON:
+        raise
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise UnreadableJSON("is not valid JSON") from None
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UnreadableJSON("has a lone surrogate (not valid Unicode)") from None
+    return value
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits) - digits.startswith("-") > MAX_INT_DIGITS:
+        raise UnreadableJSON(f"has an integer longer than {MAX_INT_DIGITS} digits")
+    return int(digits)
+
+
+def _parse_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise UnreadableJSON("has a number out of floating-point range")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise UnreadableJSON("has NaN or Infinity (not JSON)")
+
+
+def _nested_deeper_than(text: str, limit: int) -> bool:
+    """Whether ``text`` opens more than ``limit`` arrays/objects inside one another (brackets in
+    strings do not count); one left-to-right pass over the structural characters."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped_at = 0, False, -1
+    for m in _JSON_STRUCTURE.finditer(text):
+        at, char = m.start(), m.group()
+        if at == escaped_at:
+            continue
+        if in_string:
+            if char == "\\":
+                escaped_at = at + 1
+            in_string = char != '"'
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False

@@ -6,46 +6,33 @@ and :meth:`Environment.close` releases whatever ``reset`` allocated. :class:`Epi
 environment with raw assistant text (what a model or a scripted policy wrote), enforces
 ``max_turns``, counts tool calls and errors, and closes the environment in a ``finally`` whatever
 happens — final answer, turn limit or an exception.
+
+Tool calls are guarded in one place, :meth:`Environment.call_tool` (the rollout engine, the
+suite's expert and the rollout server's agents all go through it): a per-call timeout, an output
+cap, and every failure of a tool — ``sys.exit`` included — as an ``error: …`` result
+(:mod:`mtrl_local.env.calls`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Literal
 
 from mtrl_local.env.actions import has_final_response, parse_tool_calls
-from mtrl_local.env.tools import Tool, ToolArgumentError
+from mtrl_local.env.calls import ERROR_PREFIX as ERROR_PREFIX  # re-exported (rollout counters)
+from mtrl_local.env.calls import ToolCall, ToolResult, error_result, run_tool
+from mtrl_local.env.calls import ToolError as ToolError  # re-exported: tools raise it
+from mtrl_local.env.tools import Tool
 
 logger = logging.getLogger(__name__)
 
 Message = dict[str, Any]
 DoneReason = Literal["final_answer", "no_action", "max_turns", "error", "aborted"]
-
-ERROR_PREFIX = "error: "
-TRUNCATION_MARKER = "…[truncated {n} chars]"
-
-
-class ToolError(Exception):
-    """Raised by a tool to send a specific, expected error message to the agent."""
-
-
-@dataclass(frozen=True)
-class ToolResult:
-    """What a tool call returned to the agent. ``error`` marks results counted in tool_errors."""
-
-    name: str
-    content: str
-    error: bool = False
-    truncated: bool = False
-
-
-def _format_output(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, separators=(", ", ": "))
 
 
 class Environment:
@@ -54,14 +41,26 @@ class Environment:
     Override :meth:`setup` (allocate per-episode state from the case and seed),
     :meth:`initial_messages` (system + user turns) and :meth:`teardown` (release state). Tools are
     methods decorated with :func:`~mtrl_local.env.tools.tool`.
+
+    Tools run on a worker thread, one call at a time, so that a call can be given up after
+    :attr:`tool_timeout_s`; state built in ``setup`` must therefore be usable from another thread
+    (e.g. ``sqlite3.connect(..., check_same_thread=False)``). An environment whose tools need the
+    caller's thread sets ``tool_timeout_s = 0`` and runs them inline, without a timeout.
     """
 
-    #: Tool outputs longer than this are cut and end with a truncation marker.
+    #: Tool outputs (and error messages) longer than this are cut and end with a marker.
     max_tool_output_chars: int = 4000
+    #: Seconds one tool call may run before the agent gets a timeout error and the environment is
+    #: abandoned; 0 or less runs tools inline on the caller's thread, with no timeout.
+    tool_timeout_s: float = 30.0
 
-    def __init__(self, max_tool_output_chars: int | None = None) -> None:
-        if max_tool_output_chars is not None:
-            self.max_tool_output_chars = max_tool_output_chars
+    _stuck_calls: ClassVar[int] = 0
+    _stuck_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self, max_tool_output_chars: int | None = None, tool_timeout_s: float | None = None
+    ) -> None:
+        self.set_limits(max_tool_output_chars=max_tool_output_chars, tool_timeout_s=tool_timeout_s)
         self._tools: dict[str, Tool] = {}
         for attr in dir(type(self)):
             fn = getattr(type(self), attr, None)
@@ -71,12 +70,40 @@ class Environment:
         self._open = False
         self.case: Any = None
         self.seed: int = 0
+        self._stuck: ToolCall | None = None
+        self._stuck_running = False
+        self._teardown_deferred = False
+        self._state_lock = threading.Lock()
+
+    def set_limits(
+        self, *, max_tool_output_chars: int | None = None, tool_timeout_s: float | None = None
+    ) -> None:
+        """Override the class defaults of the tool limits for this instance (``None``: keep)."""
+        if max_tool_output_chars is not None:
+            if max_tool_output_chars < 1:
+                raise ValueError("max_tool_output_chars must be >= 1")
+            self.max_tool_output_chars = max_tool_output_chars
+        if tool_timeout_s is not None:
+            if math.isnan(tool_timeout_s):
+                raise ValueError("tool_timeout_s must be a number of seconds")
+            self.tool_timeout_s = tool_timeout_s
 
     # -- the episode lifecycle -------------------------------------------------------------
     def reset(self, case: Any, seed: int = 0) -> list[Message]:
-        """Allocate state for ``case`` with ``seed``; return the opening messages."""
+        """Allocate state for ``case`` with ``seed``; return the opening messages.
+
+        Refused (``RuntimeError``) while a call abandoned in the previous episode still runs: its
+        thread may still touch the state that a new episode would build.
+        """
         if self._open:
             self.close()
+        if self._stuck_running:
+            name = self._stuck.name if self._stuck is not None else "?"
+            raise RuntimeError(
+                f"tool {name} of the previous episode is still running; this environment"
+                " cannot be reused (make a new one)"
+            )
+        self._stuck = None
         self.case = case
         self.seed = seed
         self._open = True
@@ -88,10 +115,18 @@ class Environment:
             raise
 
     def close(self) -> None:
-        """Release per-episode state. Idempotent; safe after a failed ``reset``."""
+        """Release per-episode state. Idempotent; safe after a failed ``reset``.
+
+        While an abandoned call still runs, teardown is deferred: it runs on that call's worker
+        thread when the call returns (if it ever does), never under its feet.
+        """
         if not self._open:
             return
         self._open = False
+        with self._state_lock:
+            if self._stuck_running:
+                self._teardown_deferred = True
+                return
         self.teardown()
 
     # -- hooks -----------------------------------------------------------------------------
@@ -105,6 +140,12 @@ class Environment:
         """The system and user turns that open the episode (override)."""
         raise NotImplementedError
 
+    def interrupt_tools(self) -> None:
+        """Ask a call that timed out to stop early (override; by default nothing can be done).
+
+        Called on the caller's thread while the call still runs on its worker thread.
+        """
+
     # -- tools -----------------------------------------------------------------------------
     @property
     def tools(self) -> list[Tool]:
@@ -116,32 +157,92 @@ class Environment:
         return [t.schema() for t in self.tools]
 
     def call_tool(self, name: Any, arguments: Any) -> ToolResult:
-        """Dispatch one call. Never raises for anything the agent did wrong."""
+        """Dispatch one call. Never raises for anything the agent or the tool did wrong.
+
+        The call runs on a worker thread for at most :attr:`tool_timeout_s`. Python cannot kill a
+        thread, so a call that overruns is abandoned, not stopped: the agent gets a timeout error,
+        :meth:`interrupt_tools` is asked to cut the call short, the environment answers every
+        later call with an "no longer usable" error and its teardown waits for the call to
+        return. The rollout goes on; the cost is a thread (and the state it holds) left running
+        in the background, counted by :meth:`stuck_tool_calls` and logged. Only a
+        ``KeyboardInterrupt`` (the user's Ctrl-C) propagates.
+        """
+        limit = self.max_tool_output_chars
         label = name if isinstance(name, str) else "?"
         if not isinstance(name, str) or name not in self._tools:
-            return ToolResult(label, f"{ERROR_PREFIX}unknown tool '{label}'", error=True)
+            return error_result(label, f"unknown tool '{label}'", limit)
         if not self._open:
-            return ToolResult(name, f"{ERROR_PREFIX}environment is closed", error=True)
+            return error_result(name, "environment is closed", limit)
+        if self._stuck is not None:
+            message = f"environment is no longer usable: tool {self._stuck.name} did not finish"
+            return error_result(name, message, limit)
         tool = self._tools[name]
-        try:
-            value = tool.invoke(arguments)
-        except ToolArgumentError as exc:
-            return ToolResult(name, f"{ERROR_PREFIX}{exc}", error=True)
-        except ToolError as exc:
-            return ToolResult(name, f"{ERROR_PREFIX}{exc}", error=True)
-        except Exception as exc:  # a tool bug must not end the rollout
-            logger.debug("tool %s raised", name, exc_info=True)
-            return ToolResult(
-                name, f"{ERROR_PREFIX}tool {name} failed: {type(exc).__name__}: {exc}", error=True
-            )
-        content = _format_output(value)
+        if self.tool_timeout_s <= 0:
+            return run_tool(tool, arguments, limit)
+        return self._call_with_timeout(tool, arguments)
+
+    def _call_with_timeout(self, tool: Tool, arguments: Any) -> ToolResult:
+        """Run the call on a worker thread; abandon the environment if it overruns."""
         limit = self.max_tool_output_chars
-        if len(content) > limit:
-            cut = len(content) - limit
-            return ToolResult(
-                name, content[:limit] + TRUNCATION_MARKER.format(n=cut), truncated=True
-            )
-        return ToolResult(name, content)
+        call = ToolCall(tool, arguments, limit)
+        try:
+            call.start()
+        except RuntimeError as exc:  # the process has run out of threads
+            logger.warning("tool %s: no worker thread: %s", tool.name, exc)
+            return error_result(tool.name, f"tool {tool.name} could not start", limit)
+        try:
+            result = call.wait(self.tool_timeout_s)
+        except BaseException:  # Ctrl-C while waiting: the call runs on, the state is not ours
+            self._abandon(call)
+            raise
+        if result is not None:
+            return result
+        self._abandon(call)
+        message = (
+            f"tool {tool.name} did not finish within {self.tool_timeout_s:g} s;"
+            " the environment is no longer usable"
+        )
+        return replace(error_result(tool.name, message, limit), timed_out=True)
+
+    def _abandon(self, call: ToolCall) -> None:
+        """Mark the environment unusable while ``call`` runs on; teardown waits for it."""
+        with self._state_lock:
+            self._stuck = call
+            self._stuck_running = True
+        with Environment._stuck_lock:
+            Environment._stuck_calls += 1
+            stuck = Environment._stuck_calls
+        logger.warning(
+            "tool %s did not finish within %g s: %s abandoned (%d stuck calls in the process)",
+            call.name,
+            self.tool_timeout_s,
+            type(self).__name__,
+            stuck,
+        )
+        try:
+            self.interrupt_tools()
+        except Exception:
+            logger.warning("interrupting tool %s failed", call.name, exc_info=True)
+        call.future.add_done_callback(self._stuck_call_returned)
+
+    def _stuck_call_returned(self, _: Future[ToolResult]) -> None:
+        """On the worker thread, once an abandoned call returns: run a deferred teardown."""
+        with Environment._stuck_lock:
+            Environment._stuck_calls -= 1
+        with self._state_lock:
+            self._stuck_running = False
+            deferred, self._teardown_deferred = self._teardown_deferred, False
+        logger.info("abandoned tool call of %s returned", type(self).__name__)
+        if deferred:
+            try:
+                self.teardown()
+            except Exception:
+                logger.warning("deferred teardown of %s failed", type(self).__name__, exc_info=True)
+
+    @classmethod
+    def stuck_tool_calls(cls) -> int:
+        """Calls abandoned at their timeout that are still running, over the whole process."""
+        return Environment._stuck_calls
 
 
 @dataclass
@@ -161,6 +262,7 @@ class EpisodeStats:
     tool_calls: int = 0
     tool_errors: int = 0
     truncated_tool_outputs: int = 0
+    tool_timeouts: int = 0
     done_reason: DoneReason | None = None
 
 
@@ -223,12 +325,14 @@ class Episode:
         try:
             for call in calls:
                 if call.error is not None:
-                    result = ToolResult("?", f"{ERROR_PREFIX}{call.error}", error=True)
+                    limit = self.env.max_tool_output_chars
+                    result = error_result("?", call.error, limit)
                 else:
                     result = self.env.call_tool(call.name, call.arguments)
                 self.stats.tool_calls += 1
                 self.stats.tool_errors += int(result.error)
                 self.stats.truncated_tool_outputs += int(result.truncated)
+                self.stats.tool_timeouts += int(result.timed_out)
                 results.append(result)
                 out.append({"role": "tool", "name": result.name, "content": result.content})
         except BaseException:

@@ -4,7 +4,8 @@
   the call's arguments; a call nobody recorded gets a deterministic error string.
 - :class:`SandboxEnvironment` — a seeded, stateful sandbox: everything created during the episode is
   registered and torn down at the end, so nothing leaks into the next rollout.
-- :class:`SQLiteEnvironment` — genuine execution: a fresh in-memory SQLite database per episode.
+- :class:`SQLiteEnvironment` — genuine execution: a fresh in-memory SQLite database per episode,
+  the agent's SQL sandboxed (:mod:`mtrl_local.env.sql_sandbox`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import json
 import random
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
-from mtrl_local.env.base import Environment, ToolError
+from mtrl_local.env.base import Environment
+from mtrl_local.env.calls import ToolError
+from mtrl_local.env.sql_sandbox import ALLOWED_PRAGMAS, DENIED_FUNCTIONS, SQLLimits, SQLSandbox
 
 
 def canonical_key(tool: str, arguments: Mapping[str, Any]) -> str:
@@ -47,8 +51,10 @@ class FixtureEnvironment(Environment):
     same arguments + same seed + same call history → same result.
     """
 
-    def __init__(self, max_tool_output_chars: int | None = None) -> None:
-        super().__init__(max_tool_output_chars)
+    def __init__(
+        self, max_tool_output_chars: int | None = None, tool_timeout_s: float | None = None
+    ) -> None:
+        super().__init__(max_tool_output_chars, tool_timeout_s)
         self.fixtures: dict[str, list[Any]] = {}
         self._calls: dict[str, int] = {}
 
@@ -86,8 +92,10 @@ class SandboxEnvironment(Environment):
     _live: ClassVar[int] = 0
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, max_tool_output_chars: int | None = None) -> None:
-        super().__init__(max_tool_output_chars)
+    def __init__(
+        self, max_tool_output_chars: int | None = None, tool_timeout_s: float | None = None
+    ) -> None:
+        super().__init__(max_tool_output_chars, tool_timeout_s)
         self.rng = random.Random(0)
         self.resources: dict[str, dict[str, Any]] = {}
         self._finalizers: list[tuple[str, str, Callable[[Any], None] | None]] = []
@@ -142,52 +150,92 @@ class SandboxEnvironment(Environment):
 class SQLiteEnvironment(Environment):
     """Genuine execution against a private in-memory SQLite database per episode.
 
-    Subclasses implement :meth:`populate` (schema + rows for the case). :meth:`query` runs the
-    agent's SQL read-only (writes are refused by SQLite itself, not by string matching) and
-    returns at most ``max_rows`` rows.
+    Subclasses implement :meth:`populate` (schema + rows for the case). Once it has run, the
+    connection is sandboxed (:mod:`mtrl_local.env.sql_sandbox`): read-only, no other database file,
+    no transactions, only schema-introspection pragmas, no risky functions, scratch space in
+    memory. :meth:`query` runs the agent's SQL within the limits below and returns at most
+    ``max_rows`` rows; run the agent's text only through it. The environment's own writes (a tool
+    that books something) go through :meth:`unrestricted`. A query still running at the tool
+    timeout is interrupted (:meth:`interrupt_tools`).
     """
 
     max_rows: int = 50
+    #: SQLite VM instructions one query may execute.
+    sql_step_limit: int = 20_000_000
+    #: Seconds one query may run (checked between VM instructions, like the work limit).
+    sql_time_limit_s: float = 10.0
+    #: How much one query may grow the process's resident memory.
+    sql_memory_limit_bytes: int = 256 * 2**20
+    #: The largest string or blob a query may build (SQLITE_LIMIT_LENGTH; printf widths too).
+    sql_value_limit_bytes: int = 100_000
+    allowed_pragmas: ClassVar[frozenset[str]] = ALLOWED_PRAGMAS
+    denied_functions: ClassVar[frozenset[str]] = DENIED_FUNCTIONS
+
     _open_dbs: ClassVar[int] = 0
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, max_tool_output_chars: int | None = None) -> None:
-        super().__init__(max_tool_output_chars)
+    def __init__(
+        self, max_tool_output_chars: int | None = None, tool_timeout_s: float | None = None
+    ) -> None:
+        super().__init__(max_tool_output_chars, tool_timeout_s)
         self.db: sqlite3.Connection | None = None
+        self.sandbox: SQLSandbox | None = None
 
     def setup(self, case: Any, seed: int) -> None:
         self.db = sqlite3.connect(":memory:", check_same_thread=False)
         with SQLiteEnvironment._lock:
             SQLiteEnvironment._open_dbs += 1
         self.populate(self.db, case, seed)
-        self.db.commit()
+        # Same query + same case + same seed → same text, even for random() and randomblob().
+        rng_seed = stable_seed(getattr(case, "case_id", case), seed, "sql-random")
+        self.sandbox = SQLSandbox(self.db, self.sql_limits(), rng_seed)
+        self.sandbox.arm()
+
+    def sql_limits(self) -> SQLLimits:
+        """The sandbox's limits, from this environment's ``sql_*`` attributes."""
+        return SQLLimits(
+            step_limit=self.sql_step_limit,
+            time_limit_s=self.sql_time_limit_s,
+            memory_limit_bytes=self.sql_memory_limit_bytes,
+            value_limit_bytes=self.sql_value_limit_bytes,
+            allowed_pragmas=self.allowed_pragmas,
+            denied_functions=self.denied_functions,
+        )
 
     def populate(self, db: sqlite3.Connection, case: Any, seed: int) -> None:
-        """Create tables and insert the case's rows (override)."""
+        """Create tables and insert the case's rows (override); the sandbox is armed after it."""
         raise NotImplementedError
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> dict[str, Any]:
-        """Run one read-only statement; returns ``{"columns": [...], "rows": [...]}``."""
-        if self.db is None:
+        """Run one statement in the sandbox; returns ``{"columns": [...], "rows": [...]}``.
+
+        BLOBs come back as hex literals (``x'00ff'``); a ``note`` says when rows were cut.
+        """
+        if self.sandbox is None:
             raise ToolError("database is closed")
-        self.db.execute("PRAGMA query_only = ON")
-        try:
-            cur = self.db.execute(sql, tuple(params))
-            rows = cur.fetchmany(self.max_rows + 1)
-        except sqlite3.Error as exc:
-            raise ToolError(f"SQL error: {exc}") from None
-        finally:
-            self.db.execute("PRAGMA query_only = OFF")
-        columns = [d[0] for d in cur.description or []]
-        result: dict[str, Any] = {
-            "columns": columns,
-            "rows": [list(r) for r in rows[: self.max_rows]],
-        }
-        if len(rows) > self.max_rows:
+        columns, rows, more = self.sandbox.run(sql, params, self.max_rows)
+        result: dict[str, Any] = {"columns": columns, "rows": rows}
+        if more:
             result["note"] = f"only the first {self.max_rows} rows are shown"
         return result
 
+    @contextmanager
+    def unrestricted(self) -> Iterator[sqlite3.Connection]:
+        """The connection without the sandbox, for the environment's own (trusted) statements."""
+        if self.sandbox is None:
+            raise ToolError("database is closed")
+        with self.sandbox.unrestricted() as db:
+            yield db
+
+    def interrupt_tools(self) -> None:
+        """Interrupt the query of a tool call that overran the tool timeout."""
+        if self.db is not None:
+            self.db.interrupt()
+
     def teardown(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
         if self.db is not None:
             self.db.close()
             self.db = None

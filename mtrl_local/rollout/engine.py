@@ -34,13 +34,14 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from mtrl_local.env import ToolLimits
 from mtrl_local.rollout.episode import EpisodeRun
 from mtrl_local.rollout.sampler import (
     GenerationRequest,
     Sampler,
     SamplingParams,
 )
-from mtrl_local.scoring import RewardFn, Scorer
+from mtrl_local.scoring import RewardFn, Scorer, apply_reward
 from mtrl_local.task import Task
 from mtrl_local.trajectory import Trajectory
 
@@ -136,13 +137,16 @@ class RolloutEngine:
         *,
         max_batch: int = 64,
         progress: bool = True,
+        tool_limits: ToolLimits | None = None,
     ) -> None:
+        """``tool_limits`` override the environments' own tool timeout and output cap."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.sampler = sampler
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.progress = progress
+        self.tool_limits = tool_limits or ToolLimits()
         self.eos_token_id: int = sampler.eos_token_id
         #: Counters of the last :meth:`run`.
         self.stats = RolloutStats()
@@ -221,6 +225,7 @@ class RolloutEngine:
                 seed=call.seed,
                 max_turns=call.max_turns,
                 version=call.version,
+                tool_limits=self.tool_limits,
             )
             call.live[index] = run
             if run.traj.failed:
@@ -278,8 +283,9 @@ class RolloutEngine:
             if call.scorer is not None:
                 traj.strict = call.scorer(traj.messages, traj.ground_truth)
             if call.reward_fn is not None:
-                result = call.reward_fn(traj.messages, traj.ground_truth)
-                traj.reward, traj.metrics = result[0], dict(result[1])
+                traj.reward, traj.metrics = apply_reward(
+                    call.reward_fn, traj.messages, traj.ground_truth
+                )
         call.out[index] = traj
         call.stats.episodes += 1
         call.stats.failed += int(traj.failed)

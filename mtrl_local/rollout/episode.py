@@ -16,7 +16,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from mtrl_local.chat import encode_continuation, encode_prompt
-from mtrl_local.env import Environment, Episode, StepResult, has_final_response
+from mtrl_local.env import Environment, Episode, StepResult, ToolLimits, has_final_response
 from mtrl_local.env.actions import FINAL_CLOSE
 from mtrl_local.env.base import ERROR_PREFIX
 from mtrl_local.rollout.sampler import GenerationResult
@@ -46,6 +46,7 @@ class EpisodeRun:
         seed: int,
         max_turns: int,
         version: int,
+        tool_limits: ToolLimits | None = None,
     ) -> EpisodeRun:
         """Open the environment and encode the prompt; a failure gives a ``failed`` trajectory."""
         traj = Trajectory(
@@ -62,6 +63,11 @@ class EpisodeRun:
         env: Environment | None = None
         try:
             env = task.make_env()
+            if tool_limits is not None:
+                env.set_limits(
+                    tool_timeout_s=tool_limits.timeout_s,
+                    max_tool_output_chars=tool_limits.max_output_chars,
+                )
             episode = Episode(env, case, seed=seed, max_turns=max_turns)
             messages = episode.reset()
             prompt = encode_prompt(tokenizer, messages, env.tool_schemas())
@@ -136,6 +142,7 @@ def _count(traj: Trajectory, span: TurnSpan, text: str, step: StepResult) -> Non
     span.tool_calls = len(step.results)
     span.tool_errors = sum(r.error for r in step.results)
     c = traj.counters
+    c["tool_timeouts"] += sum(r.timed_out for r in step.results)
     for r in step.results:
         if r.name == "?":
             c["malformed_tool_calls"] += 1

@@ -1,8 +1,9 @@
 """The agents of ``mtrl train --agent-cmd``: what each episode's agent is told, and its process.
 
 A command agent runs in a subprocess with its assignment in environment variables (``MTRL_*``,
-and ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` pointing at the rollout server); a function agent
-runs on a thread of a pool and gets the same as an :class:`AgentContext`.
+and ``OPENAI_BASE_URL`` / ``OPENAI_API_KEY`` pointing at the rollout server; the key is the
+episode's own, valid for that episode only); a function agent runs on a thread of a pool and gets
+the same as an :class:`AgentContext`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class AgentContext:
     """What a Python-function agent gets (a command agent: the same, as environment variables)."""
 
     base_url: str
+    #: The episode's key: the credential of every call on this episode, and of no other.
     api_key: str
     episode_id: str
     task: str

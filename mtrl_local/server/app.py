@@ -1,15 +1,22 @@
 """The rollout server: an OpenAI-compatible chat endpoint that serves, and records, the policy.
 
-Endpoints (all but ``/health`` need ``Authorization: Bearer <token>``; a wrong or missing token
-is a 401, a malformed body a 400 with a message, both in OpenAI's error shape)::
+Endpoints (all but ``/health`` need a bearer credential; every refusal is OpenAI's error shape)::
 
-    POST /v1/chat/completions          OpenAI chat completion; episode from X-Episode-Id or `user`
+    POST /v1/chat/completions          OpenAI chat completion on the episode of the key
     GET  /v1/models                    the policy, as one model
     POST /v1/episodes                  claim a trainer-assigned episode, or open one's own
     GET  /v1/episodes/{id}             its assignment and state
     POST /v1/episodes/{id}/reward      update_reward: scalar or per-turn list + metrics
     POST /v1/episodes/{id}/close       end it (failed if it never reported a reward)
     GET  /health                       liveness, no auth
+
+Credentials (:mod:`~mtrl_local.server.auth`): the server token opens episodes; each episode has its
+own key, issued with it, and only that key acts on it — one agent cannot touch another's episode.
+Limits (:mod:`~mtrl_local.server.limits`): bodies over ``max_body_bytes`` are a 413 before they
+are parsed, JSON is parsed strictly (no NaN or Infinity) off the event loop, and a conversation
+over ``max_request_chars`` is a 413 before it is tokenised. Tokenising, decoding and every call
+into the episode registry (which holds its lock while it tokenises) run on worker threads, so the
+event loop keeps answering — ``/health`` included — while a long conversation is encoded.
 
 Sampling: by default the trainer's :class:`SamplingParams` win over the request's ``temperature``
 and ``top_p`` (the policy gradient assumes the trainer's sampling distribution); the request's
@@ -18,13 +25,14 @@ training) lets the request decide. ``tool_choice="none"`` returns tool-call text
 values cannot be enforced without constrained decoding and act as ``"auto"``.
 
 The server binds 127.0.0.1. Another host must be asked for explicitly, and gets a warning: anyone
-who can reach the port and knows the token drives the policy and writes training data.
+who can reach the port and holds a credential drives the policy and writes training data.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 import socket
@@ -33,15 +41,25 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
-from mtrl_local.rollout.sampler import GenerationRequest, Sampler, SamplingParams
+from mtrl_local.rollout.sampler import (
+    GenerationRequest,
+    GenerationResult,
+    Sampler,
+    SamplingParams,
+)
+from mtrl_local.server.auth import (
+    chat_episode,
+    install_auth,
+    principal_of,
+    require_episode,
+    require_opener,
+)
 from mtrl_local.server.batcher import GenerationBatcher
 from mtrl_local.server.episodes import (
     EpisodeError,
@@ -49,6 +67,14 @@ from mtrl_local.server.episodes import (
     EpisodeRegistry,
     TurnPlan,
     make_choice,
+)
+from mtrl_local.server.errors import install_error_handlers
+from mtrl_local.server.limits import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_REQUEST_CHARS,
+    BodyLimit,
+    StrictJSONRoute,
+    check_request_chars,
 )
 from mtrl_local.server.messages import Choice
 from mtrl_local.server.schemas import (
@@ -63,30 +89,21 @@ logger = logging.getLogger(__name__)
 
 EPISODE_HEADER = "x-episode-id"
 LOOPBACK = "127.0.0.1"
+T = TypeVar("T")
 
 
-def _error(
-    status: int, message: str, code: str, kind: str = "invalid_request_error"
-) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": kind, "param": None, "code": code}},
-    )
-
-
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{loc or 'body'}: {err.get('msg', 'invalid')}")
-    return "malformed request: " + "; ".join(parts)
+async def off_loop(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run ``fn`` on a worker thread: CPU work and lock waits never stall the event loop."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
 
 class RolloutServer:
     """The HTTP server, its episode registry and its batcher; runs uvicorn on a thread.
 
     ``sampling`` is what the trainer sets each step (temperature, top_p, per-turn budget, seed);
-    ``model_name`` is what ``/v1/models`` and responses report.
+    ``model_name`` is what ``/v1/models`` and responses report; ``token`` is the server token
+    (random by default); ``max_body_bytes`` and ``max_request_chars`` are the request limits of
+    :mod:`~mtrl_local.server.limits`.
     """
 
     def __init__(
@@ -103,11 +120,13 @@ class RolloutServer:
         batch_window_s: float = 0.005,
         honor_request_sampling: bool = False,
         idle_timeout_s: float = 300.0,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_request_chars: int = DEFAULT_MAX_REQUEST_CHARS,
     ) -> None:
         if host not in (LOOPBACK, "localhost", "::1"):
             logger.warning(
-                "rollout server binds %s, not loopback: anyone who reaches this port with the "
-                "token can drive the policy and write training data",
+                "rollout server binds %s, not loopback: anyone who reaches this port with a "
+                "credential can drive the policy and write training data",
                 host,
             )
         self.sampler = sampler
@@ -118,6 +137,8 @@ class RolloutServer:
         self.model_name = model_name
         self.honor_request_sampling = honor_request_sampling
         self.idle_timeout_s = idle_timeout_s
+        self.max_body_bytes = max_body_bytes
+        self.max_request_chars = max_request_chars
         self.registry = EpisodeRegistry(tokenizer, sampler.eos_token_id)
         self.batcher = GenerationBatcher(sampler, max_batch=max_batch, window_s=batch_window_s)
         self.app = self._build_app()
@@ -205,9 +226,12 @@ class RolloutServer:
 
     def _build_app(self) -> FastAPI:
         app = FastAPI(title="mtrl-local rollout server", docs_url=None, redoc_url=None)
-        self._add_auth(app)
-        self._add_error_handlers(app)
+        app.router.route_class = StrictJSONRoute
+        install_error_handlers(app)
         self._add_episode_routes(app)
+        # Added last, so outermost: a request without a credential is refused unread.
+        app.add_middleware(BodyLimit, max_bytes=self.max_body_bytes)
+        install_auth(app, self.token, self.registry.keys, self.registry.stats)
 
         @app.get("/health")
         async def health() -> dict[str, Any]:
@@ -225,54 +249,24 @@ class RolloutServer:
 
         @app.post("/v1/chat/completions")
         async def chat(body: ChatCompletionRequest, request: Request) -> dict[str, Any]:
-            return await self._complete(body, request.headers.get(EPISODE_HEADER) or body.user)
+            named = request.headers.get(EPISODE_HEADER) or body.user
+            return await self._complete(body, chat_episode(principal_of(request), named))
 
         return app
 
-    def _add_auth(self, app: FastAPI) -> None:
-        """Every route but ``/health`` needs the bearer token (compared in constant time)."""
-        registry = self.registry
-
-        @app.middleware("http")
-        async def auth(request: Request, call_next: Callable[..., Any]) -> Any:
-            if request.url.path != "/health":
-                header = request.headers.get("authorization", "")
-                scheme, _, given = header.partition(" ")
-                if scheme.lower() != "bearer" or not secrets.compare_digest(
-                    given.strip().encode(), self.token.encode()
-                ):
-                    registry.stats["auth_failures"] += 1
-                    return _error(
-                        401,
-                        "invalid or missing bearer token",
-                        "invalid_api_key",
-                        "authentication_error",
-                    )
-            return await call_next(request)
-
-    def _add_error_handlers(self, app: FastAPI) -> None:
-        """Every error is an OpenAI-style JSON error body, never a stack trace."""
-
-        @app.exception_handler(RequestValidationError)
-        async def bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-            return _error(400, _validation_message(exc), "invalid_request")
-
-        @app.exception_handler(EpisodeError)
-        async def episode_error(request: Request, exc: EpisodeError) -> JSONResponse:
-            return _error(exc.status, str(exc), exc.code)
-
-        @app.exception_handler(StarletteHTTPException)
-        async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-            return _error(exc.status_code, str(exc.detail), "http_error")
-
     def _add_episode_routes(self, app: FastAPI) -> None:
-        """Start, read, reward and close an episode."""
+        """Start, read, reward and close an episode; each needs that episode's key (opening a new
+        one, the server token)."""
         registry = self.registry
 
         @app.post("/v1/episodes")
-        async def start_episode(body: EpisodeStartRequest | None = None) -> dict[str, Any]:
+        async def start_episode(
+            request: Request, body: EpisodeStartRequest | None = None
+        ) -> dict[str, Any]:
             body = body or EpisodeStartRequest()
-            rec = registry.start(
+            require_opener(principal_of(request), body.episode_id)
+            rec = await off_loop(
+                registry.start,
                 body.episode_id,
                 task=body.task,
                 case_id=body.case_id,
@@ -280,70 +274,60 @@ class RolloutServer:
                 seed=body.seed,
                 metadata=body.metadata,
             )
-            return self._info(rec)
+            info = self._info(rec)
+            if body.episode_id is None:
+                info["episode_key"] = rec.key  # sent once, to the opener
+            return info
 
         @app.get("/v1/episodes/{episode_id}")
-        async def get_episode(episode_id: str) -> dict[str, Any]:
-            return self._info(registry.get(episode_id))
+        async def get_episode(episode_id: str, request: Request) -> dict[str, Any]:
+            require_episode(principal_of(request), episode_id)
+            return self._info(await off_loop(registry.get, episode_id))
 
         @app.post("/v1/episodes/{episode_id}/reward")
-        async def update_reward(episode_id: str, body: RewardReport) -> dict[str, Any]:
-            rec = registry.report(
-                episode_id, body.reward, body.metrics, body.done_reason, body.close
+        async def update_reward(
+            episode_id: str, body: RewardReport, request: Request
+        ) -> dict[str, Any]:
+            require_episode(principal_of(request), episode_id)
+            rec = await off_loop(
+                registry.report, episode_id, body.reward, body.metrics, body.done_reason, body.close
             )
             return self._info(rec)
 
         @app.post("/v1/episodes/{episode_id}/close")
         async def close_episode(
-            episode_id: str, body: CloseRequest | None = None
+            episode_id: str, request: Request, body: CloseRequest | None = None
         ) -> dict[str, Any]:
-            rec = registry.close(episode_id, body.reason if body else None)
+            require_episode(principal_of(request), episode_id)
+            rec = await off_loop(registry.close, episode_id, body.reason if body else None)
             return self._info(rec)
 
-    async def _complete(
-        self, body: ChatCompletionRequest, episode_id: str | None
-    ) -> dict[str, Any]:
+    async def _complete(self, body: ChatCompletionRequest, episode_id: str) -> dict[str, Any]:
         """One chat completion of an episode: plan the turn, sample it, record it, answer."""
-        plan, params = self._plan(body, episode_id)
+        plan, params = await off_loop(self._plan, body, episode_id)
         keys = [plan.key] + [f"{plan.key}~{i}" for i in range(1, body.n)]
         requests = [GenerationRequest(k, plan.context_ids, params.max_tokens) for k in keys]
         version = self.sampler.policy_version
         try:
             results = await asyncio.wrap_future(self.batcher.submit(requests, params))
         except Exception as exc:
-            self.registry.abandon(plan, f"{type(exc).__name__}: {exc}")
+            await off_loop(self.registry.abandon, plan, f"{type(exc).__name__}: {exc}")
             raise EpisodeError(500, "generation failed", "server_error") from exc
         for k in keys[1:]:
             self.batcher.release(k)
-        call_prefix = f"call_{uuid.uuid4().hex[:12]}"
-        choices = [
-            make_choice(
-                self.tokenizer,
-                r,
-                eos_token_id=self.sampler.eos_token_id,
-                stop=body.stop_strings(),
-                parse_tools=body.tool_choice != "none",
-                call_id_prefix=f"{call_prefix}{i}",
-            )
-            for i, r in enumerate(results)
-        ]
-        self.registry.commit(plan, choices, version)
+        choices = await off_loop(self._record, body, plan, results, version)
         return self._completion(plan, choices, version)
 
     def _plan(
-        self, body: ChatCompletionRequest, episode_id: str | None
+        self, body: ChatCompletionRequest, episode_id: str
     ) -> tuple[TurnPlan, SamplingParams]:
-        """The turn to sample (what the episode's history makes of the request) and its params."""
+        """The turn to sample (what the episode's history makes of the request) and its params.
+        Runs on a worker thread: it tokenises what the request appended."""
         if body.stream:
             raise EpisodeError(400, "stream=true is not supported", "unsupported")
+        check_request_chars(body.messages, body.tools, self.max_request_chars)
         # Standalone servers have no launcher watching the clock: expire silent episodes here.
         self.registry.expire(self.idle_timeout_s)
-        if not episode_id:
-            raise EpisodeError(
-                400,
-                f"no episode: send its id in the {EPISODE_HEADER} header or the 'user' field",
-                "missing_episode",
-            )
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         plan = self.registry.prepare(episode_id, messages, body.tools)
         limit = self.sampler.max_context_len
@@ -357,6 +341,29 @@ class RolloutServer:
                 "context_length_exceeded",
             )
         return plan, self._params(body, room)
+
+    def _record(
+        self,
+        body: ChatCompletionRequest,
+        plan: TurnPlan,
+        results: list[GenerationResult],
+        version: int,
+    ) -> list[Choice]:
+        """Decode the sampled choices and record the first (on a worker thread: it decodes)."""
+        call_prefix = f"call_{uuid.uuid4().hex[:12]}"
+        choices = [
+            make_choice(
+                self.tokenizer,
+                r,
+                eos_token_id=self.sampler.eos_token_id,
+                stop=body.stop_strings(),
+                parse_tools=body.tool_choice != "none",
+                call_id_prefix=f"{call_prefix}{i}",
+            )
+            for i, r in enumerate(results)
+        ]
+        self.registry.commit(plan, choices, version)
+        return choices
 
     def _completion(self, plan: TurnPlan, choices: list[Choice], version: int) -> dict[str, Any]:
         """The OpenAI chat-completion body for the sampled choices."""

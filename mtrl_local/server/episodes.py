@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mtrl_local.chat import encode_continuation, encode_prompt
 from mtrl_local.scoring import Scorer
+from mtrl_local.server.auth import EpisodeKeys
 from mtrl_local.server.messages import (
     Choice,
     EpisodeError,
@@ -49,6 +50,7 @@ from mtrl_local.server.records import (
     RUNNING,
     EpisodeRecord,
     TurnPlan,
+    check_finite_report,
     to_trajectory,
 )
 from mtrl_local.trajectory import Trajectory, TurnSpan
@@ -66,16 +68,19 @@ class EpisodeRegistry:
         self._lock = threading.RLock()
         self._serial = 0
         self._group_sizes: Counter[str] = Counter()
+        #: Each live episode's bearer key (an agent reaches its own episode only).
+        self.keys = EpisodeKeys()
         #: Server-wide counters (history mismatches, timeouts, …), logged by the trainer.
         self.stats: Counter[str] = Counter()
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def assign(self, record: EpisodeRecord) -> EpisodeRecord:
-        """Register a trainer-made episode (its agent claims it by id)."""
+        """Register a trainer-made episode and issue ``record.key``, for the agent that runs it."""
         with self._lock:
             if record.episode_id in self._episodes:
                 raise ValueError(f"episode {record.episode_id} exists")
             record.assigned = True
+            record.key = self.keys.issue(record.episode_id)
             self._episodes[record.episode_id] = record
             return record
 
@@ -89,7 +94,7 @@ class EpisodeRegistry:
         seed: int | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EpisodeRecord:
-        """Claim an assigned episode, or open one of the agent's own."""
+        """Claim an assigned episode, or open one of the agent's own (with a new key)."""
         with self._lock:
             if episode_id is not None:
                 rec = self._episodes.get(episode_id)
@@ -113,6 +118,7 @@ class EpisodeRegistry:
                 seed=seed or 0,
                 metadata=dict(metadata or {}),
                 state=RUNNING,
+                key=self.keys.issue(new_id),
             )
             if group_id is not None:
                 rec.sample_index = self._group_sizes[group_id]
@@ -136,8 +142,10 @@ class EpisodeRegistry:
             return list(self._episodes)
 
     def forget(self, episode_id: str) -> None:
+        """Drop an episode and revoke its key."""
         with self._lock:
             self._episodes.pop(episode_id, None)
+            self.keys.revoke(episode_id)
 
     def fail(self, episode_id: str, reason: str) -> bool:
         """Fail an unfinished episode (agent crashed, timed out); ``False`` if already done."""
@@ -326,6 +334,8 @@ class EpisodeRegistry:
         done_reason: str | None,
         close: bool,
     ) -> EpisodeRecord:
+        """Record the agent's reward (finite, one value or one per model turn) and metrics."""
+        check_finite_report(reward, metrics)
         with self._lock:
             rec = self.get(episode_id)
             if rec.done:

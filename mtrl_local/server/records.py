@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mtrl_local.env.actions import FINAL_OPEN
 from mtrl_local.scoring import Scorer
-from mtrl_local.server.messages import Choice, Message, WireMessage
+from mtrl_local.server.messages import Choice, EpisodeError, Message, WireMessage
 from mtrl_local.trajectory import Trajectory, TurnSpan
 
 OPEN, RUNNING, FINISHED, FAILED = "assigned", "running", "finished", "failed"
@@ -21,6 +22,9 @@ class EpisodeRecord:
     """Everything the server knows about one episode."""
 
     episode_id: str
+    #: The episode's own bearer key (:mod:`~mtrl_local.server.auth`), set when it is registered;
+    #: left out of ``repr`` so that no log line carries it.
+    key: str = field(default="", repr=False)
     task: str | None = None
     case_id: str | None = None
     split: str = ""
@@ -79,6 +83,22 @@ class TurnPlan:
     context_ids: list[int]
     #: ``True``: the history was rewritten; serve the agent but record nothing.
     detached: bool = False
+
+
+def check_finite_report(reward: float | Sequence[float], metrics: Mapping[str, float]) -> None:
+    """A 422 naming the first NaN or infinite value of a reward report: one such reward makes
+    its group's advantages NaN, and the trainer then skips the whole step's update."""
+    values = (
+        [(f"reward[{i}]", v) for i, v in enumerate(reward)]
+        if isinstance(reward, Sequence)
+        else [("reward", reward)]
+    )
+    values += [(f"metrics.{k}", v) for k, v in metrics.items()]
+    for name, value in values:
+        if not math.isfinite(value):
+            raise EpisodeError(
+                422, f"{name} must be a finite number, got {value}", "non_finite_reward"
+            )
 
 
 def _done_reason(rec: EpisodeRecord, failed: bool) -> str:

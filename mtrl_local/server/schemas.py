@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+#: Seeds go to the sampler's generator, which takes 63-bit non-negative integers.
+MAX_SEED = 2**63 - 1
+
 
 class ChatMessage(BaseModel):
     """One OpenAI chat message. ``content`` may be a string, a list of text parts or null."""
@@ -41,7 +44,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1, le=8)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     #: OpenAI's end-user id; we read the episode id from it when no ``X-Episode-Id`` header is set.
     user: str | None = None
@@ -82,12 +85,15 @@ class EpisodeStartRequest(BaseModel):
     case_id: str | None = None
     #: Episodes sharing a group id are compared for group advantages; default: the prompt's hash.
     group_id: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     metadata: dict[str, Any] = Field(default_factory=dict)
 
 
 class EpisodeInfo(BaseModel):
-    """What an agent needs to run its episode (the start response, ``GET /v1/episodes/{id}``)."""
+    """What an agent needs to run its episode (the start response, ``GET /v1/episodes/{id}``).
+
+    The response that opens a new episode also carries ``episode_key``: the bearer key every later
+    call on that episode must present (:mod:`~mtrl_local.server.auth`); it is sent only then."""
 
     episode_id: str
     task: str | None
@@ -103,7 +109,10 @@ class EpisodeInfo(BaseModel):
 
 
 class RewardReport(BaseModel):
-    """``POST /v1/episodes/{id}/reward`` (``update_reward``): a scalar or one value per turn."""
+    """``POST /v1/episodes/{id}/reward`` (``update_reward``): a scalar or one value per turn.
+
+    Every value must be finite (a NaN reward would make its group's advantages NaN): the registry
+    refuses others with a 422 naming the field."""
 
     model_config = ConfigDict(extra="forbid")
 

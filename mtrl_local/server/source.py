@@ -7,7 +7,8 @@ same five methods as :class:`~mtrl_local.train.batch_source.EngineBatchSource`).
    ids the agent will send back;
 2. launches the agent once per episode — a command (``python my_agent.py``) in a subprocess, or
    a Python function on a thread — at most ``workers`` at a time, with ``OPENAI_BASE_URL`` /
-   ``OPENAI_API_KEY`` pointing at the server and the assignment in ``MTRL_*`` variables;
+   ``OPENAI_API_KEY`` pointing at the server and the assignment in ``MTRL_*`` variables. The key
+   is the episode's own (:mod:`~mtrl_local.server.auth`): an agent can act on its episode only;
 3. waits for every episode to report its reward. An agent that exits, raises or goes silent for
    ``idle_timeout_s`` (or runs past ``episode_timeout_s``) without reporting fails its episode:
    counted (``rollout/failure_rate``, ``agent/*``), never trained on, and the step goes on;
@@ -185,7 +186,7 @@ class AgentBatchSource:
         for case in cases:
             for s in range(self.n_samples):
                 episode_id = f"s{self._step:05d}-{case.case_id}-{s}"
-                self.server.registry.assign(
+                record = self.server.registry.assign(
                     EpisodeRecord(
                         episode_id,
                         task=self.task.name,
@@ -201,7 +202,7 @@ class AgentBatchSource:
                 contexts.append(
                     AgentContext(
                         base_url=self.server.url,
-                        api_key=self.server.token,
+                        api_key=record.key,
                         episode_id=episode_id,
                         task=self.task.name,
                         case_id=case.case_id,

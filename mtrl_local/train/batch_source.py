@@ -30,6 +30,7 @@ from typing import Any, Protocol, cast
 import torch
 from transformers import PreTrainedModel
 
+from mtrl_local.env import ToolLimits
 from mtrl_local.rollout.engine import RolloutEngine
 from mtrl_local.rollout.sampler import Sampler, SamplingParams
 from mtrl_local.rollout.transformers_sampler import TransformersSampler
@@ -128,9 +129,11 @@ class EngineBatchSource:
         max_batch: int,
         sampler: Sampler | None = None,
         inference_copy: torch.nn.Module | None = None,
+        tool_limits: ToolLimits | None = None,
     ) -> None:
         """``inference_copy``: a whole copy of the weights to sample with when ``model`` is sharded
-        (FSDP); it gets the policy's weights after every step."""
+        (FSDP); it gets the policy's weights after every step. ``tool_limits`` override the
+        environments' tool timeout and output cap."""
         self.task = task
         self.n_samples = n_samples
         self.sampling = sampling
@@ -162,7 +165,9 @@ class EngineBatchSource:
                 device=device,
                 max_batch=max_batch,
             )
-        self.engine = RolloutEngine(self.sampler, tokenizer, max_batch=max_batch, progress=False)
+        self.engine = RolloutEngine(
+            self.sampler, tokenizer, max_batch=max_batch, progress=False, tool_limits=tool_limits
+        )
         self._queue: queue.Queue[StepBatch] = queue.Queue(maxsize=max(1, self.staleness))
         self._pending: tuple[Mapping[str, Any], int] | None = None
         self._lock = threading.Lock()

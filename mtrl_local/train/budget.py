@@ -92,3 +92,27 @@ def check_context_budget(
         f"(sampling_max_tokens {sampling_max_tokens} + tool output {tool_output_tokens}) = "
         f"{need} tokens > context window {context_window}: " + ", or ".join(options)
     )
+
+
+def check_model_budget(
+    model: Any,
+    task: Task,
+    tokenizer: PreTrainedTokenizerBase,
+    case: Any,
+    *,
+    max_turns: int,
+    sampling_max_tokens: int,
+) -> None:
+    """:func:`check_context_budget` for ``model``'s own window (none declared: nothing to check),
+    measured on one episode of ``case``."""
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if window is None:
+        return
+    prompt, tool_output = measure_episode(task, tokenizer, case)
+    check_context_budget(
+        max_turns=max_turns,
+        sampling_max_tokens=sampling_max_tokens,
+        tool_output_tokens=tool_output,
+        prompt_tokens=prompt,
+        context_window=int(window),
+    )

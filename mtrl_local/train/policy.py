@@ -36,8 +36,6 @@ def load_policy(
     cfg: MultiTurnRLConfig, path: Path, device: torch.device
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
     """The trainable policy (peft-wrapped when ``lora_rank > 0``) and its tokenizer."""
-    if not (Path(path) / "config.json").is_file():
-        raise UserError(f"model '{path}': not a model directory (no config.json)")
     if cfg.load_in_4bit:
         if device.type != "cuda":
             raise UserError("config: load_in_4bit needs CUDA (bitsandbytes); none is available")

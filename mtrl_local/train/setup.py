@@ -1,4 +1,5 @@
-"""Opening a run: the processes, the seeds, the optimizer, the run store and MLflow.
+"""Opening a run: the processes, the seeds, the run directory (its lock, the checkpoint to resume
+from), the optimizer, the run store and MLflow.
 
 Each is one function the trainer calls while it is built (:class:`~mtrl_local.train.trainer.
 Trainer`); none of them knows about the others.
@@ -24,6 +25,8 @@ from mtrl_local.run_dir import RunDir
 from mtrl_local.store import RunStore
 from mtrl_local.tracking import MlflowTracker
 from mtrl_local.train import distributed as dd
+from mtrl_local.train.checkpoint import Checkpoint, newest_complete_checkpoint
+from mtrl_local.train.run_lock import RunLock
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +64,36 @@ def start_processes(cfg: MultiTurnRLConfig, *, agent: bool) -> dd.DistInfo:
             f"{info.world} processes"
         )
     return info
+
+
+def lock_run_dir(dist: dd.DistInfo, run: RunDir) -> RunLock | None:
+    """Process 0 takes the run directory's lock (the others never write); every process raises
+    the same :class:`UserError` when another run holds it."""
+    lock, refusal = None, None
+    if dist.main:
+        try:
+            lock = RunLock.acquire(run.path)
+        except UserError as exc:
+            refusal = str(exc)
+    refusal = dd.broadcast(dist, refusal)
+    if refusal is not None:
+        raise UserError(refusal)
+    return lock
+
+
+def claim_run_dir(dist: dd.DistInfo, run: RunDir, *, resume: bool) -> Checkpoint | None:
+    """Refuse to start over an existing run; on resume, the newest complete checkpoint, read
+    in full (before the model is loaded: a run that cannot resume says so at once)."""
+    exists = run.has_run()
+    dd.barrier(dist)  # all have looked before process 0 creates it
+    if not resume and exists:
+        raise UserError(f"{run.path}: a run exists there; use --resume to continue it")
+    if not resume:
+        return None
+    checkpoint = newest_complete_checkpoint(run.checkpoints)
+    if checkpoint is None:
+        logger.info("%s: no checkpoint yet; the run starts again from step 0", run.path)
+    return checkpoint
 
 
 def build_optimizer(

@@ -34,7 +34,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mtrl_local import metrics as M
 from mtrl_local.advantages import batch_advantages, estimator_kwargs
 from mtrl_local.config import MultiTurnRLConfig
-from mtrl_local.errors import UserError
+from mtrl_local.env import ToolLimits
 from mtrl_local.eval_metrics import summarize
 from mtrl_local.evaluate import EvalConfig, LoadedModel, cases_of, run_episodes
 from mtrl_local.rollout.sampler import Sampler, SamplingParams
@@ -43,18 +43,25 @@ from mtrl_local.run_dir import RunDir
 from mtrl_local.scoring import RewardFn, Scorer, strict_score
 from mtrl_local.store import RunStore
 from mtrl_local.task import Task
+from mtrl_local.tracking import MlflowTracker
 from mtrl_local.train import distributed as dd
 from mtrl_local.train.batch_source import BatchSource, CaseSchedule, EngineBatchSource, StepBatch
-from mtrl_local.train.budget import check_context_budget, measure_episode
+from mtrl_local.train.budget import check_model_budget
 from mtrl_local.train.checkpoint import (
     TrainState,
-    latest_checkpoint,
     restore_training,
     restore_weights,
     save_checkpoint,
 )
 from mtrl_local.train.policy import Reference, export_model, load_policy, trainable_parameters
-from mtrl_local.train.setup import build_optimizer, open_records, seed_all, start_processes
+from mtrl_local.train.setup import (
+    build_optimizer,
+    claim_run_dir,
+    lock_run_dir,
+    open_records,
+    seed_all,
+    start_processes,
+)
 from mtrl_local.train.step_log import StepLogger
 from mtrl_local.train.update import UpdateContext, update_policy
 from mtrl_local.trajectory import Trajectory
@@ -90,13 +97,6 @@ class Trainer:
         self.dist = start_processes(cfg, agent=source_factory is not None)
         self.progress = progress and self.dist.main
         self.device = dd.device_for(self.dist)
-        seed_all(cfg.seed)
-        self.model, self.tokenizer = load_policy(cfg, model_path, self.device)
-        # The reference is the model before any training, a resumed run's too.
-        self.reference = Reference(self.model, cfg.lora_rank > 0) if cfg.beta > 0 else None
-        self.max_turns = cfg.max_turns or task.max_turns
-        self.schedule = CaseSchedule(task.cases("train"), cfg.prompts_per_step, cfg.seed)
-        self._check_budget()
         # Every process must agree on the directory (a timestamped name could differ by a second).
         self.run = dd.broadcast(
             self.dist,
@@ -104,7 +104,42 @@ class Trainer:
             if run_dir
             else RunDir.new(cfg.output_dir, cfg.run_name, task.name),
         )
-        checkpoint = self._claim_run_dir(resume)
+        # Taken before anything in the run directory is read or written; given back by close().
+        self._lock = lock_run_dir(self.dist, self.run)
+        self._store: RunStore | None = None
+        self._tracker: MlflowTracker | None = None
+        try:
+            self._open(model_path, resume, sampler, source_factory)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(
+        self,
+        model_path: Path,
+        resume: bool,
+        sampler: Sampler | None,
+        source_factory: Callable[[Trainer], BatchSource] | None,
+    ) -> None:
+        """Everything a run needs, the run directory claimed (the lock is held)."""
+        cfg = self.cfg
+        checkpoint = claim_run_dir(self.dist, self.run, resume=resume)
+        seed_all(cfg.seed)
+        self.model, self.tokenizer = load_policy(cfg, model_path, self.device)
+        # The reference is the model before any training, a resumed run's too.
+        self.reference = Reference(self.model, cfg.lora_rank > 0) if cfg.beta > 0 else None
+        self.max_turns = cfg.max_turns or self.task.max_turns
+        self.schedule = CaseSchedule(self.task.cases("train"), cfg.prompts_per_step, cfg.seed)
+        check_model_budget(  # refuse a config whose longest episode cannot fit the window
+            self.model,
+            self.task,
+            self.tokenizer,
+            self.schedule.cases[0],
+            max_turns=self.max_turns,
+            sampling_max_tokens=cfg.sampling_max_tokens,
+        )
+        if checkpoint is not None:
+            restore_weights(checkpoint, self.model)
         #: Under FSDP the policy is sharded; this whole copy samples, evaluates and is saved
         #: (its weights are replaced by the policy's after every optimizer step).
         self.inference_copy: torch.nn.Module | None = None
@@ -118,9 +153,9 @@ class Trainer:
         self.state = TrainState()
         if checkpoint is not None:
             self.state = restore_training(checkpoint, self.model, self.optimizer, self.scheduler)
-            logger.info("resumed from %s (step %d)", checkpoint, self.state.step)
-        self._store, self.tracker = open_records(
-            cfg, self.run, task.name, resume=resume, main=self.dist.main
+            logger.info("resumed from %s (step %d)", checkpoint.path, self.state.step)
+        self._store, self._tracker = open_records(
+            cfg, self.run, self.task.name, resume=resume, main=self.dist.main
         )
         if self.dist.active and self.dist.main:
             logger.info("data-parallel over %d processes", self.dist.world)
@@ -141,33 +176,14 @@ class Trainer:
             raise RuntimeError(f"process {self.dist.rank} has no run store; only process 0 writes")
         return self._store
 
+    @property
+    def tracker(self) -> MlflowTracker:
+        """MLflow (a no-op tracker on the processes that do not write)."""
+        if self._tracker is None:
+            raise RuntimeError("the trainer's records are not open")
+        return self._tracker
+
     # -- opening ---------------------------------------------------------------------------------
-    def _claim_run_dir(self, resume: bool) -> Path | None:
-        """Refuse to start over an existing run; on resume, load the latest checkpoint's weights
-        and return it."""
-        exists = self.run.has_run()
-        dd.barrier(self.dist)  # all have looked before process 0 creates it
-        if not resume and exists:
-            raise UserError(f"{self.run.path}: a run exists there; use --resume to continue it")
-        checkpoint = latest_checkpoint(self.run.checkpoints) if resume else None
-        if checkpoint is not None:
-            restore_weights(checkpoint, self.model)
-        return checkpoint
-
-    def _check_budget(self) -> None:
-        """Refuse a config whose longest episode cannot fit the model's context window."""
-        window = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if window is None:
-            return
-        prompt, tool_output = measure_episode(self.task, self.tokenizer, self.schedule.cases[0])
-        check_context_budget(
-            max_turns=self.max_turns,
-            sampling_max_tokens=self.cfg.sampling_max_tokens,
-            tool_output_tokens=tool_output,
-            prompt_tokens=prompt,
-            context_window=int(window),
-        )
-
     def _pick_shard(self, position: int, epoch: int) -> tuple[list[Any], int, int]:
         """This process's share of the step's cases (all of them with one process)."""
         cases, position, epoch = self.schedule.pick(position, epoch)
@@ -191,22 +207,12 @@ class Trainer:
             max_batch=cfg.per_device_train_batch_size,
             sampler=sampler,
             inference_copy=self.inference_copy,
+            tool_limits=ToolLimits(cfg.tool_timeout_s, cfg.max_tool_output_chars),
         )
 
     # -- evaluation ------------------------------------------------------------------------------
     def eval_config(self, split: str) -> EvalConfig:
-        vsp = self.cfg.val_sampling_params
-        return EvalConfig(
-            split=split,
-            n_samples=vsp.n_samples,
-            temperature=vsp.temperature,
-            top_p=vsp.top_p,
-            sampling_max_tokens=vsp.sampling_max_tokens,
-            max_turns=self.max_turns,
-            success_threshold=self.cfg.success_threshold,
-            seed=self.cfg.seed,
-            max_cases=self.cfg.eval_cases if split == "val" else None,
-        )
+        return EvalConfig.of_training(self.cfg, split, self.max_turns)
 
     def evaluate(self, split: str = "val") -> tuple[dict[str, Any], list[Trajectory]]:
         """Strict evaluation of the current policy on ``split``: its summary and episodes."""
@@ -253,9 +259,9 @@ class Trainer:
         try:
             while state.step < cfg.max_steps:
                 self.step()
-        except BaseException:
-            if main:
-                self.store.set_status("failed")
+        except BaseException as exc:
+            if main:  # the dashboard and `--resume` show why the run stopped
+                self.store.set_status("failed", f"{type(exc).__name__}: {exc}")
             raise
         finally:
             self.source.close()
@@ -384,6 +390,12 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.tracker.close()
-        if self._store is not None:
-            self._store.close()
+        """Close the records and give the run directory back (safe to call more than once)."""
+        try:
+            if self._tracker is not None:
+                self._tracker.close()
+            if self._store is not None:
+                self._store.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()

@@ -20,7 +20,7 @@ import sqlite3
 from importlib import resources
 from typing import Any
 
-from mtrl_local.env import SQLiteEnvironment, ToolError, stable_seed, tool
+from mtrl_local.env import SQLiteEnvironment, ToolError, tool
 from sopbench.base import Answer, Call, Case, ExpertProgram, Noise, Task, parse_json
 from sopbench.inventory_reconciliation.cases import COLUMNS, generate_inputs, input_problem
 
@@ -45,17 +45,6 @@ _SCHEMA = (
     "CREATE TABLE cycle_counts (sku TEXT NOT NULL, warehouse TEXT NOT NULL,"
     " counted_qty INTEGER NOT NULL, count_date TEXT NOT NULL)",
 )
-
-#: Pragmas an agent may run (schema introspection) plus the one the base class toggles.
-_ALLOWED_PRAGMAS = frozenset(
-    {"query_only", "table_info", "table_xinfo", "table_list", "index_list", "index_info"}
-)
-#: SQLite VM steps (in units of ``_PROGRESS_EVERY`` instructions) one query may take: a runaway
-#: recursive CTE ends as a deterministic error instead of hanging the rollout.
-_PROGRESS_EVERY = 1000
-_MAX_PROGRESS_CALLS = 20_000
-#: Largest string or blob a query may build.
-_MAX_VALUE_BYTES = 100_000
 
 
 # -- SQL: the canonical reconciliation ------------------------------------------------------------
@@ -148,61 +137,18 @@ def ground_truth_by_sql(inputs: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the environment ------------------------------------------------------------------------------
-def _authorize(action: int, arg1: str | None, *_: Any) -> int:
-    # query_only already refuses writes; ATTACH (and VACUUM INTO, which SQLite authorises as an
-    # ATTACH) would reach files outside the episode's private database, so they are refused too.
-    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
-        return sqlite3.SQLITE_DENY
-    if action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() not in _ALLOWED_PRAGMAS:
-        return sqlite3.SQLITE_DENY
-    return sqlite3.SQLITE_OK
-
-
-def _json_cell(value: Any) -> Any:
-    """SQLite values as JSON: a BLOB (``x'00'``) becomes its hex literal instead of a crash."""
-    if isinstance(value, bytes):
-        return f"x'{value.hex()}'"
-    return value
-
-
 class InventoryEnvironment(SQLiteEnvironment):
-    """One episode's warehouse database, queried read-only through three SQL tools."""
+    """One episode's warehouse database, queried read-only through three SQL tools.
 
-    def __init__(self, max_tool_output_chars: int | None = None) -> None:
-        super().__init__(max_tool_output_chars)
-        self._progress_calls = 0
+    The SQL sandbox (read-only, no ATTACH, introspection pragmas only, work / time / memory /
+    value-size limits, seeded ``random()``) is the base class's: :class:`SQLiteEnvironment`.
+    """
 
     def populate(self, db: sqlite3.Connection, case: Any, seed: int) -> None:
         load_rows(db, case.inputs)
-        db.set_authorizer(_authorize)
-        db.set_progress_handler(self._on_progress, _PROGRESS_EVERY)
-        # Same query + same case + same seed → same text, even for random() and randomblob().
-        rng = random.Random(stable_seed(case.case_id, seed, "sql-random"))
-        db.create_function("random", 0, lambda: rng.getrandbits(64) - 2**63)
-        db.create_function(
-            "randomblob", 1, lambda n: rng.randbytes(max(1, min(int(n or 0), _MAX_VALUE_BYTES)))
-        )
-        if hasattr(db, "setlimit"):  # Python ≥ 3.11: no giant strings or blobs (zeroblob(1e9))
-            db.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _MAX_VALUE_BYTES)
-
-    def _on_progress(self) -> int:
-        self._progress_calls += 1
-        return int(self._progress_calls > _MAX_PROGRESS_CALLS)
-
-    def _read(self, sql: str) -> dict[str, Any]:
-        """Run one statement read-only with a fresh work budget; rows made JSON-safe."""
-        self._progress_calls = 0
-        try:
-            result = self.query(sql)
-        except ToolError:
-            if self._progress_calls > _MAX_PROGRESS_CALLS:
-                raise ToolError("SQL error: query stopped, it exceeded the work limit") from None
-            raise
-        result["rows"] = [[_json_cell(v) for v in row] for row in result["rows"]]
-        return result
 
     def _table_names(self) -> list[str]:
-        rows = self._read("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        rows = self.query("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         return [r[0] for r in rows["rows"]]
 
     def initial_messages(self, case: Any) -> list[dict[str, Any]]:
@@ -222,7 +168,7 @@ class InventoryEnvironment(SQLiteEnvironment):
         """List the tables of the inventory database with their row counts."""
         tables = []
         for name in self._table_names():
-            count = self._read(f'SELECT COUNT(*) FROM "{name}"')["rows"][0][0]
+            count = self.query(f'SELECT COUNT(*) FROM "{name}"')["rows"][0][0]
             tables.append({"table": name, "rows": count})
         return {"tables": tables}
 
@@ -236,7 +182,7 @@ class InventoryEnvironment(SQLiteEnvironment):
         names = self._table_names()
         if table not in names:
             raise ToolError(f"unknown table '{table}' (tables: {', '.join(names)})")
-        info = self._read(f"SELECT name, type FROM pragma_table_info({_quote(table)})")
+        info = self.query(f"SELECT name, type FROM pragma_table_info({_quote(table)})")
         return {"table": table, "columns": [{"name": n, "type": t} for n, t in info["rows"]]}
 
     @tool
@@ -250,7 +196,7 @@ class InventoryEnvironment(SQLiteEnvironment):
         """
         if not query.strip():
             raise ToolError("query is empty")
-        return self._read(query)
+        return self.query(query)
 
 
 # -- the task -------------------------------------------------------------------------------------

@@ -1,0 +1,80 @@
+"""What a model directory must hold, checked without loading a model library.
+
+``mtrl`` checks a model directory before torch and transformers load (seconds), so a broken
+directory is one line at once: ``config.json`` must be a JSON object naming its ``model_type``
+(or ``adapter_config.json`` for a LoRA adapter), a tokenizer must be there, and every
+safetensors weight file must be whole (its header parses and its tensors fit in the file).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from mtrl_local.errors import UserError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+#: A safetensors header past this size is not a header: the file is not safetensors.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+def check_model_files(path: Path) -> None:
+    """A :class:`UserError` naming the first thing ``path`` lacks to be a model directory."""
+    config = path / "config.json"
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        _read_object(adapter, path)
+    elif config.is_file():
+        if "model_type" not in _read_object(config, path):
+            raise UserError(f"model '{path}': config.json names no model_type")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"model '{path}': no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    else:
+        raise UserError(
+            f"model '{path}': not a model directory (no config.json or adapter_config.json)"
+        )
+    weights = [w for pattern in WEIGHT_PATTERNS for w in sorted(path.glob(pattern))]
+    if not weights:
+        raise UserError(f"model '{path}': no weights (no *.safetensors or pytorch_model*.bin)")
+    for file in weights:
+        if file.suffix == ".safetensors":
+            _check_safetensors(file, path)
+
+
+def _read_object(file: Path, model: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"model '{model}': {file.name} is not readable JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"model '{model}': {file.name} is not a JSON object")
+    return obj
+
+
+def _check_safetensors(file: Path, model: Path) -> None:
+    """The header is 8 bytes of length, then that much JSON; every tensor's end offset must fit."""
+    broken = f"model '{model}': weights {file.name} are truncated or not safetensors"
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(broken)
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, MAX_HEADER_BYTES):
+            raise UserError(broken)
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, ValueError):
+            raise UserError(broken) from None
+    if not isinstance(header, dict):
+        raise UserError(broken)
+    ends = [
+        entry["data_offsets"][1]
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry
+    ]
+    if 8 + length + max(ends, default=0) > size:
+        raise UserError(broken)
