@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -46,7 +47,7 @@ def load_object(
     if not sep or not module_name or not attr:
         raise UserError(f"{what} '{spec}': expected module:{kind}, e.g. {example}")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_from_here(module_name)
     except ImportError as exc:
         raise UserError(f"{what} '{spec}': cannot import module '{module_name}' ({exc})") from None
     except (Exception, SystemExit) as exc:  # the module breaks (or exits): the user's file
@@ -55,6 +56,26 @@ def load_object(
     if not hasattr(module, attr):
         raise UserError(f"{what} '{spec}': module '{module_name}' has no {kind} '{attr}'")
     return getattr(module, attr)
+
+
+def _import_from_here(module_name: str) -> Any:
+    """Import ``module_name``, also from the current directory when nothing installed has it.
+
+    ``module:function`` usually names the user's own file, as with ``python -m``; the ``mtrl``
+    console script does not put the current directory on ``sys.path``, and adding it for good
+    would let any file there (a ``datasets.py``) shadow a library imported later.
+    """
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.partition(".")[0] or here in sys.path or "" in sys.path:
+            raise
+        sys.path.insert(0, here)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            sys.path.remove(here)
 
 
 def _group(name: str) -> dict[str, EntryPoint]:

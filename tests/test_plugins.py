@@ -103,3 +103,17 @@ def test_agents_are_functions_or_command_lines() -> None:
         resolve_agent("   ")
     with pytest.raises(UserError, match="has no function"):
         resolve_agent("tests.test_plugins:nope")
+
+
+def test_a_reward_in_the_current_directory_is_found_without_changing_sys_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here_reward.py").write_text(
+        "def reward(messages, ground_truth):\n    return 1.0\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert load_reward("here_reward:reward")([], {}) == 1.0
+    assert str(tmp_path) not in sys.path
+    with pytest.raises(UserError, match="cannot import module 'not_here'"):
+        load_reward("not_here:reward")

@@ -40,10 +40,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``mtrl``; returns the exit code."""
     console = Console()
-    if "" not in sys.path and "." not in sys.path:
-        # `module:function` specs (rewards, tasks, agents) name the user's own files, as with
-        # `python -m`: the console script would otherwise not see the current directory.
-        sys.path.insert(0, "")
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(
