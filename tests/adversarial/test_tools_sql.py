@@ -278,12 +278,15 @@ def test_keyboard_interrupt_still_stops_a_tool_run_inline() -> None:
     threading.current_thread() is not threading.main_thread(), reason="needs the main thread"
 )
 def test_the_users_ctrl_c_stops_the_program_while_a_tool_runs() -> None:
+    # Python's own Ctrl-C handler, whatever an earlier test or library installed in this process.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     env = Rogue(tool_timeout_s=SAFETY_S)
     env.reset("case")
     try:
         with pytest.raises(KeyboardInterrupt):
             env.call_tool("interrupt_me", {})
     finally:
+        signal.signal(signal.SIGINT, previous)
         env.release.set()
         env.close()
     assert env.torn_down.wait(SAFETY_S)
