@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mtrl_local.errors import UserError
+from mtrl_local.jsonl import read_json
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
@@ -45,10 +46,7 @@ def check_model_files(path: Path) -> None:
 
 
 def _read_object(file: Path, model: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserError(f"model '{model}': {file.name} is not readable JSON ({exc})") from None
+    obj = read_json(file)
     if not isinstance(obj, dict):
         raise UserError(f"model '{model}': {file.name} is not a JSON object")
     return obj

@@ -52,7 +52,9 @@ def _json_objects_in(text: str) -> list[dict[str, Any]]:
     return found
 
 
-def lenient_parse(messages: Sequence[Message]) -> dict[str, Any] | None:
+def lenient_parse(
+    messages: Sequence[Message], tail_chars: int | None = None
+) -> dict[str, Any] | None:
     """WRONG: an answer from the last assistant turn, however it was written.
 
     Accepts ``<final_answer>``/``<answer>``/… blocks as well as ``<final_response>``, then falls
@@ -60,10 +62,15 @@ def lenient_parse(messages: Sequence[Message]) -> dict[str, Any] | None:
     evaluation reads only ``<final_response>``; a model rewarded for the other forms keeps
     writing them and scores 0 where it matters.
 
+    ``tail_chars`` reads only the last that many characters of the turn: the search backtracks over
+    unclosed tags and braces, so a display of hostile text bounds it.
+
     >>> lenient_parse([{"role": "assistant", "content": 'Done: {"a": 1} thanks'}])
     {'a': 1}
     """
     text = final_assistant_text(messages)
+    if tail_chars is not None:
+        text = text[-tail_chars:]
     if not text:
         return None
     strict = extract_final_response(text)

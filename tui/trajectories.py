@@ -17,7 +17,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from mtrl_local.env.actions import parse_answer, parse_tool_calls
+from mtrl_local.env.actions import TOOL_CALL_RE, parse_answer, parse_tool_calls
 from mtrl_local.scoring import field_matches, normalize
 from mtrl_local.store_records import TrajectoryRecord
 from rewards.examples import lenient_parse
@@ -136,19 +136,8 @@ def printable(text: str) -> str:
 
 
 def _model_text(content: str) -> str:
-    """The model's prose with the tool-call blocks taken out (they are shown parsed).
-
-    A left-to-right scan, linear in the text: an unclosed ``<tool_call>`` keeps the rest as it is.
-    """
-    kept, pos = [], 0
-    while (start := content.find("<tool_call>", pos)) != -1:
-        end = content.find("</tool_call>", start)
-        if end == -1:
-            break
-        kept.append(content[pos:start])
-        pos = end + len("</tool_call>")
-    kept.append(content[pos:])
-    return "".join(kept).strip()
+    """The model's prose with the closed tool-call blocks taken out (they are shown parsed)."""
+    return TOOL_CALL_RE.sub(lambda m: "" if m.group(1) is not None else m.group(0), content).strip()
 
 
 def _turn_header(t: TrajectoryRecord, k: int) -> Text:
@@ -163,18 +152,9 @@ def _turn_header(t: TrajectoryRecord, k: int) -> Text:
     return head
 
 
-#: The lenient reader backtracks over unclosed tags and braces; the dashboard shows what it
-#: finds in each turn's last characters only, so no model output can stall the display.
+#: The lenient reader backtracks over unclosed tags and braces; the dashboard lets it read the
+#: final turn's last characters only, so no model output can stall the display.
 LENIENT_TAIL_CHARS = 4_000
-
-
-def _tail(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {**m, "content": m["content"][-LENIENT_TAIL_CHARS:]}
-        if isinstance(m.get("content"), str)
-        else m
-        for m in messages
-    ]
 
 
 def answer_table(
@@ -193,7 +173,7 @@ def answer_table(
         parts.append(
             Text("no <final_response> block: the strict scorer reads no answer", style="bold red")
         )
-        shown = lenient_parse(_tail(messages))  # display only: what a lenient reward reads
+        shown = lenient_parse(messages, tail_chars=LENIENT_TAIL_CHARS)  # display only
         if shown is not None:
             parts.append(
                 Text("an answer written another way (not read by the strict scorer):", style="dim")
