@@ -69,10 +69,10 @@ def lenient_parse(
     {'a': 1}
     """
     text = final_assistant_text(messages)
-    if tail_chars is not None:
-        text = text[-tail_chars:]
     if not text:
         return None
+    if tail_chars is not None:
+        text = text[-tail_chars:]
     strict = extract_final_response(text)
     if strict is not None:
         return strict
