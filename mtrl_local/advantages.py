@@ -16,6 +16,9 @@ Choices and departures, on purpose:
   1.155× larger, so TRL's advantages are 0.866× ours.)
 * A group whose rewards are all equal gets **exact zeros** (no ``0/1e-6`` round-off noise), in
   every estimator; for ``group_based_per_turn`` "equal" means equal total returns (see there).
+  "Equal" is within :data:`REWARD_ATOL` (1e-9): the same per-turn rewards summed in another
+  order differ in the last bit (0.1 + 0.2 + 0.3 = 0.6000000000000001, 0.3 + 0.2 + 0.1 = 0.6),
+  and dividing that by ``std + 1e-6`` would turn a rounding error into an advantage.
 * Arithmetic in float64 (rewards are Python floats), results in float32.
 """
 
@@ -34,6 +37,10 @@ from mtrl_local.trajectory import Trajectory, TurnSpan
 
 EPS = 1e-6
 """Added to the std before dividing."""
+REWARD_ATOL = 1e-9
+"""Rewards (or total returns) of a group whose spread is at most this count as all equal. An
+absolute tolerance, so that shifting every reward by a constant changes nothing: float64 rounding
+of returns of order 1 is ~1e-16, a reward difference that means anything is orders above 1e-9."""
 
 Rewards = Tensor | Sequence[float]
 """One group's scalar rewards, shape (G,)."""
@@ -51,7 +58,8 @@ def _as_rewards(rewards: Rewards) -> Tensor:
 
 
 def _all_equal(r: Tensor) -> bool:
-    return r.numel() == 0 or bool(torch.all(r == r[0]))
+    """Whether the (G,) rewards are all equal, within :data:`REWARD_ATOL`."""
+    return r.numel() == 0 or bool(r.max() - r.min() <= REWARD_ATOL)
 
 
 def group_based(
@@ -135,7 +143,9 @@ def group_based_per_turn(
 
     If all total returns of the group are equal (std = 0) the group gets zeros: there is no
     between-trajectory signal, and the formula would otherwise divide a turn's non-zero
-    return-to-go difference by 1e-6 (e.g. [1, 0] in every trajectory → A_{i,1} = −10⁶).
+    return-to-go difference by 1e-6 (e.g. [1, 0] in every trajectory → A_{i,1} = −10⁶). Equal
+    means within :data:`REWARD_ATOL`: [0.1, 0.2, 0.3] and [0.3, 0.2, 0.1] sum to totals one ulp
+    apart, which exact comparison called different (advantages down to −5·10⁵).
     ``scale_rewards="none"`` drops the division, as in :func:`group_based`.
     """
     if scale_rewards not in ("group", "none"):

@@ -203,58 +203,6 @@ def render(
     return text
 
 
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # No BOS/EOS insertion: the template writes every control token itself.
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
-def encode_prompt(
-    tokenizer: PreTrainedTokenizerBase,
-    messages: Sequence[Message],
-    tools: Sequence[ToolSpec] | None = None,
-) -> list[int]:
-    """Ids of the opening messages plus the assistant header: the first input to the sampler."""
-    return _encode(tokenizer, render(tokenizer, messages, tools, add_generation_prompt=True))
-
-
-def encode_assistant(tokenizer: PreTrainedTokenizerBase, content: str) -> list[int]:
-    """Ids of an assistant turn as a sampler that stopped on eos would have produced them.
-
-    For scripted trajectories (reference policies, SFT data): ``content`` then ``<|im_end|>``.
-    """
-    return [*_encode(tokenizer, content), _eos_id(tokenizer)]
-
-
-def encode_continuation(
-    tokenizer: PreTrainedTokenizerBase, new_messages: Sequence[Message]
-) -> list[int]:
-    """Ids to append after an assistant turn's sampled ids (which end in ``<|im_end|>``).
-
-    That is the newline closing the assistant turn, the ``new_messages`` turns (tool results, or a
-    user turn) and the next assistant header. Empty ``new_messages`` gives ``[]``: the trajectory
-    ends at the eos the model sampled. Computed by diffing two renders of the template (so the
-    template stays the single source of the format) and tokenising only the new text: added tokens
-    split the text before BPE and newlines are their own pre-tokens, so this text tokenises the same
-    alone as inside the full conversation.
-    """
-    if not new_messages:
-        return []
-    anchor: list[Message] = [{"role": "assistant", "content": ""}]
-    before = render(tokenizer, anchor)
-    after = render(tokenizer, [*anchor, *new_messages], add_generation_prompt=True)
-    cut = before.rindex(IM_END) + len(IM_END)
-    if after[:cut] != before[:cut]:
-        raise ValueError("chat template is not prefix-preserving after an assistant turn")
-    return _encode(tokenizer, after[cut:])
-
-
-def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    eos = tokenizer.eos_token_id
-    if not isinstance(eos, int):
-        raise ValueError("tokenizer has no eos token; call prepare_tokenizer_for_trl first")
-    return eos
-
-
 __all__ = [
     "ASSISTANT_HEADER",
     "CHAT_TEMPLATE",
@@ -265,9 +213,6 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TAG_TOKENS",
     "TOOLS_HEADER",
-    "encode_assistant",
-    "encode_continuation",
-    "encode_prompt",
     "prepare_tokenizer_for_trl",
     "render",
 ]

@@ -54,8 +54,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 LossType = Literal["ppo", "cispo", "is"]
+ChatFormatName = Literal["auto", "hermes", "tool_call_list", "llama3_json", "mistral"]
 AdvantageMethod = Literal["group_based", "rloo", "grpo_passk", "group_based_per_turn"]
-Aggregation = Literal["token_mean", "seq_mean_token_mean"]
+Aggregation = Literal["token_mean", "seq_mean_token_mean", "dr_grpo"]
+ImportanceSamplingLevel = Literal["token", "sequence"]
+KLEstimator = Literal["k1", "k2", "k3"]
+ISCorrection = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
 
 #: Accepted spellings → canonical field (TRL names and the design's names).
 ALIASES = {"group_size": "num_generations", "batch_size": "per_device_train_batch_size"}
@@ -170,6 +174,10 @@ class MultiTurnRLConfig(_Model):
     is abandoned (0: tools run inline, no timeout); ``None`` keeps the environment's (30 s)."""
     max_tool_output_chars: Count | None = None
     """Longest tool result the agent sees (cut with a marker); ``None`` keeps the environment's."""
+    chat_format: ChatFormatName = "auto"
+    """How the model writes tool calls and gets results (:mod:`mtrl_local.chat_formats`):
+    ``hermes``, ``tool_call_list``, ``llama3_json``, ``mistral``; ``auto`` reads it from the
+    chat template (Mistral's or Llama 3's markers, else ``hermes``)."""
     val_sampling_params: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.0, n_samples=1)
     )
@@ -189,23 +197,47 @@ class MultiTurnRLConfig(_Model):
     loss_type: LossType = "ppo"
     """Policy loss (docs/design.md)."""
     loss_aggregation: Aggregation = "token_mean"
-    """How token losses are averaged."""
+    """How token losses are averaged: ``token_mean`` (over every loss token of the step),
+    ``seq_mean_token_mean`` (per sequence, then over sequences) or ``dr_grpo`` (summed, divided
+    by the constant sequences × max_turns × sampling_max_tokens; Dr. GRPO, TRL's ``dr_grpo``)."""
     epsilon: Fraction | None = None
     """Lower clip range ε_low in [0, 1] (ratio ≥ 1 − ε); ``None`` → the loss's default (ppo 0.2,
     cispo 1)."""
     epsilon_high: NonNegativeFloat | None = None
-    """Upper clip range ε_high ≥ 0; ``None`` → the loss's default (ppo 0.2, cispo 6.0)."""
+    """ppo: upper clip range ε_high ≥ 0 (ratio ≤ 1 + ε_high); cispo: the cap on the IS
+    weight itself (≥ 1), as in TRL; ``None`` → the loss's default (ppo 0.2, cispo 7.0)."""
+    importance_sampling_level: ImportanceSamplingLevel = "token"
+    """``token``: one ratio πθ/π_old per token; ``sequence``: GSPO's per-trajectory ratio (the
+    geometric mean over its loss tokens), clipped whole (GSPO's ε are ~3e-4 / 4e-4)."""
     is_cap: Cap = 2.0
     """Cap (≥ 1) of the ratio in the ``is`` loss."""
     tis_cap: Cap | None = 2.0
     """Cap C ≥ 1 of the truncated IS weight min(π_old/μ, C) between trainer and sampler; None =
     off."""
+    is_correction: ISCorrection = "token_truncate"
+    """How ``tis_cap`` corrects the sampler/trainer gap ρ = π_old/μ: ``token_truncate``
+    (min(ρ_t, C)), ``token_mask`` (tokens with ρ_t outside [1/C, C] get weight 0),
+    ``sequence_truncate`` / ``sequence_mask`` (the same with the trajectory's geometric-mean ρ)."""
     beta: NonNegativeFloat = 0.0
-    """KL (k3) coefficient to the reference model (the adapter disabled); 0 = no reference pass."""
+    """KL coefficient to the reference model (the adapter disabled); 0 = no reference pass."""
+    kl_estimator: KLEstimator = "k3"
+    """Per-token KL estimator, δ = logπ_ref − logπθ: ``k1`` = −δ, ``k2`` = δ²/2, ``k3`` =
+    exp(δ) − 1 − δ."""
+    entropy_coef: NonNegativeFloat = 0.0
+    """Entropy bonus: the loss minus this × the mean policy entropy over loss tokens; 0 = off."""
     num_iterations: Count = 1
     """Optimizer steps per batch (TRL's μ). 1: ``π_old`` is the policy itself, detached, so the
     clip acts only through the sampler/trainer gap (and staleness); > 1: ``π_old`` is frozen at
     the first pass and the later steps on the same batch are clipped against it (PPO epochs)."""
+    mask_truncated: bool = False
+    """Leave out of the loss the trajectories cut by the token budget (a turn that reached
+    ``sampling_max_tokens``, or the context window): DAPO's overlong filtering."""
+    dynamic_sampling: bool = False
+    """Drop the groups whose advantages are all zero and sample more cases to fill the batch
+    (DAPO's dynamic sampling), at most ``max_refill_rounds`` extra rounds per step."""
+    max_refill_rounds: NonNegativeInt = 3
+    """Bound on the extra rollout rounds of ``dynamic_sampling``; still short, the batch is
+    topped up with dropped groups."""
 
     # -- optimiser ------------------------------------------------------------------------------
     learning_rate: PositiveFloat = 1e-4
@@ -241,6 +273,9 @@ class MultiTurnRLConfig(_Model):
     """Strict evaluation on val every this many steps (0 = never during training)."""
     eval_cases: Count | None = None
     """Limit the val cases evaluated during training (``None`` = all)."""
+    test_cases: Count | None = None
+    """Limit the test cases of the baseline and final evaluations (``None`` = all: the numbers to
+    report; fewer for a quick look at a slow model)."""
     save_steps: NonNegativeInt = 10
     """Checkpoint every this many steps, and after the last (0 = never)."""
     mlflow: bool = True
@@ -271,10 +306,11 @@ class MultiTurnRLConfig(_Model):
         return self.per_device_train_batch_size // self.num_generations
 
 
-#: Recipe defaults (ε_low, ε_high) per loss: PPO's ratio in 0.8–1.2; CISPO wide and asymmetric.
+#: Recipe defaults (ε_low, ε_high) per loss: PPO's ratio in 0.8–1.2; CISPO wide and asymmetric,
+#: its ε_high being the cap on the weight (TRL's meaning): 7.0 = the 1 + 6.0 it was as a distance.
 LOSS_EPSILONS: dict[str, tuple[float, float]] = {
     "ppo": (0.2, 0.2),
-    "cispo": (1.0, 6.0),
+    "cispo": (1.0, 7.0),
     "is": (0.2, 0.2),
 }
 
@@ -298,6 +334,12 @@ def check_config(cfg: MultiTurnRLConfig) -> None:
         )
     if cfg.load_in_4bit and cfg.lora_rank == 0:
         raise UserError("config: load_in_4bit needs lora_rank > 0 (4-bit weights are frozen)")
+    if cfg.loss_type == "cispo" and cfg.resolved_epsilon_high < 1:
+        raise UserError(
+            f"config: epsilon_high ({cfg.epsilon_high}) is the cap on cispo's IS weight (TRL's "
+            "meaning, not a distance from 1) and must be ≥ 1: below 1 it would shrink on-policy "
+            "tokens too"
+        )
     if cfg.fsdp and cfg.async_config.max_steps_off_policy > 0:
         raise UserError(
             "config: fsdp needs synchronous rollouts (async_config.max_steps_off_policy = 0)"

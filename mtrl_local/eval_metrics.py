@@ -54,7 +54,9 @@ def first_turn_tool_call_ok(messages: Sequence[Mapping[str, Any]], tool_names: s
     """The first assistant turn is a well-formed call: it parses, names existing tools, no errors.
 
     Read from the messages (the tool results that follow it must not be ``error: …``), so it
-    means the same for engine trajectories and hand-written ones. A first turn that answers
+    means the same for engine trajectories and hand-written ones, in any chat format: the calls
+    are the turn's ``tool_calls`` as the episode read them (a malformed one left an error result),
+    or, for a message without that key, its ``<tool_call>`` blocks. A first turn that answers
     directly is not a tool call.
     """
     for i, message in enumerate(messages):
@@ -63,8 +65,8 @@ def first_turn_tool_call_ok(messages: Sequence[Mapping[str, Any]], tool_names: s
         text = str(message.get("content") or "")
         if has_final_response(text):
             return False
-        calls = parse_tool_calls(text)
-        if not calls or any(c.error is not None or c.name not in tool_names for c in calls):
+        names = _call_names(message, text)
+        if not names or any(name not in tool_names for name in names):
             return False
         for reply in messages[i + 1 :]:
             if reply.get("role") != "tool":
@@ -73,6 +75,19 @@ def first_turn_tool_call_ok(messages: Sequence[Mapping[str, Any]], tool_names: s
                 return False
         return True
     return False
+
+
+def _call_names(message: Mapping[str, Any], text: str) -> list[str | None]:
+    """The tool names an assistant turn called (``None`` for a malformed call)."""
+    if "tool_calls" not in message:
+        return [c.name if c.error is None else None for c in parse_tool_calls(text)]
+    names: list[str | None] = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        holder = function if isinstance(function, Mapping) else call
+        name = holder.get("name") if isinstance(holder, Mapping) else None
+        names.append(name if isinstance(name, str) else None)
+    return names
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -35,6 +35,7 @@ from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from mtrl_local.chat_formats import CHAT_FORMAT_NAMES
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.env import ToolLimits
 from mtrl_local.errors import UserError
@@ -86,6 +87,9 @@ class EvalConfig:
     """Seconds a tool call may run (0: inline, no timeout); ``None`` keeps the environment's."""
     max_tool_output_chars: int | None = None
     """Longest tool result the agent sees; ``None`` keeps the environment's."""
+    chat_format: str = "auto"
+    """How the model writes tool calls (:mod:`mtrl_local.chat_formats`); ``auto`` reads it from
+    the chat template."""
     device: str = "auto"
     """Where a model loaded from a directory runs: ``auto`` (CUDA when available), ``cpu``…"""
 
@@ -98,6 +102,7 @@ class EvalConfig:
             ("max_turns", self.max_turns is None or self.max_turns >= 1, ">= 1"),
             ("max_cases", self.max_cases is None or self.max_cases >= 1, ">= 1"),
             ("max_batch", self.max_batch >= 1, ">= 1"),
+            ("chat_format", self.chat_format in CHAT_FORMAT_NAMES, f"one of {CHAT_FORMAT_NAMES}"),
         ):
             if not ok:
                 raise UserError(f"eval: {name} must be {rule}, got {getattr(self, name)}")
@@ -105,7 +110,7 @@ class EvalConfig:
     @classmethod
     def of_training(cls, cfg: MultiTurnRLConfig, split: str, max_turns: int) -> EvalConfig:
         """How a training run evaluates on ``split``: its validation sampling, its turn limit and
-        tool limits; ``val`` on the first ``eval_cases`` cases, other splits whole."""
+        tool limits; ``val`` on the first ``eval_cases`` cases, ``test`` on ``test_cases``."""
         vsp = cfg.val_sampling_params
         return cls(
             split=split,
@@ -116,9 +121,10 @@ class EvalConfig:
             max_turns=max_turns,
             success_threshold=cfg.success_threshold,
             seed=cfg.seed,
-            max_cases=cfg.eval_cases if split == "val" else None,
+            max_cases=cfg.eval_cases if split == "val" else cfg.test_cases,
             tool_timeout_s=cfg.tool_timeout_s,
             max_tool_output_chars=cfg.max_tool_output_chars,
+            chat_format=cfg.chat_format,
         )
 
     def sampling(self) -> SamplingParams:
@@ -191,6 +197,7 @@ def run_episodes(
         max_batch=config.max_batch,
         progress=progress,
         tool_limits=ToolLimits(config.tool_timeout_s, config.max_tool_output_chars),
+        chat_format=config.chat_format,
     )
     return engine.run(
         task,

@@ -41,6 +41,11 @@ COMPLETION_RATE = "rollout/completion_rate"
 FAILURE_RATE = "rollout/failure_rate"
 TOOL_CALLS_MEAN = "rollout/tool_calls/mean"
 TOOL_ERRORS_FRAC = "rollout/tool_errors_frac"
+#: Dynamic sampling (``dynamic_sampling``): zero-advantage groups sampled and left out of the
+#: step's batch, extra rollout rounds run to refill it, and the episodes those rounds sampled.
+GROUPS_DROPPED = "rollout/groups_dropped"
+REFILL_ROUNDS = "rollout/refill_rounds"
+REFILL_EPISODES = "rollout/refill_episodes"
 # -- analysis --------------------------------------------------------------------------------------
 ZERO_ADV_GROUPS = "analysis/zero_adv_groups"
 # -- optimiser -------------------------------------------------------------------------------------
@@ -57,6 +62,11 @@ TRAIN_SEQUENCES = "train/sequences"
 #: Means of the ratio πθ/π_old and of the share of tokens whose sampler weight was truncated.
 TRAIN_RATIO_MEAN = "train/ratio_mean"
 TRAIN_IS_TRUNC_FRAC = "train/is_trunc_frac"
+#: Share of loss tokens whose sampler weight was set to 0 (``is_correction`` token_mask or
+#: sequence_mask), in place of ``train/is_trunc_frac``.
+TRAIN_IS_REJECTED_FRAC = "train/is_rejected_frac"
+#: Trajectories left out of the loss as cut by the token budget (``mask_truncated``).
+TRAIN_MASKED_TRUNCATED = "train/masked_truncated"
 # -- speed -----------------------------------------------------------------------------------------
 PERF_STEP_S = "perf/step_s"
 PERF_ROLLOUT_TOKENS_PER_S = "perf/rollout_tokens_per_s"

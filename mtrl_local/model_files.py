@@ -4,6 +4,8 @@
 directory is one line at once: ``config.json`` must be a JSON object naming its ``model_type``
 (or ``adapter_config.json`` for a LoRA adapter), a tokenizer must be there, and every
 safetensors weight file must be whole (its header parses and its tensors fit in the file).
+:func:`check_import` does the same for ``mtrl model import``: its source (a GGUF file, known by
+its magic bytes, or a model directory) and where it may write.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from mtrl_local.errors import UserError
 from mtrl_local.jsonl import read_json
@@ -20,6 +22,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 #: A safetensors header past this size is not a header: the file is not safetensors.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: The first four bytes of every GGUF file (llama.cpp's single-file format).
+GGUF_MAGIC = b"GGUF"
+SourceKind = Literal["gguf", "hf"]
+#: The dtypes an imported model's weights can be saved in.
+ImportDtype = Literal["float32", "bfloat16"]
+IMPORT_DTYPES: tuple[str, ...] = get_args(ImportDtype)
 
 
 def check_model_files(path: Path) -> None:
@@ -76,3 +84,54 @@ def _check_safetensors(file: Path, model: Path) -> None:
     ]
     if 8 + length + max(ends, default=0) > size:
         raise UserError(broken)
+
+
+# -- what `mtrl model import` accepts -------------------------------------------------------------
+def is_gguf_file(path: Path) -> bool:
+    """Whether ``path`` is a file that starts with the GGUF magic (whatever its suffix)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def check_import(src: Path, out: Path, overwrite: bool = False) -> SourceKind:
+    """What ``src`` is (a GGUF file or a model directory), once ``out`` is known to be writable
+    there; else a :class:`UserError` naming the path and why."""
+    kind = _import_source(src)
+    _check_import_out(src, out, overwrite)
+    return kind
+
+
+def _import_source(src: Path) -> SourceKind:
+    if not src.exists():
+        raise UserError(f"model '{src}': no such file or directory")
+    if src.is_file():
+        if not is_gguf_file(src):
+            raise UserError(
+                f"model '{src}': neither a GGUF file (its first bytes are not GGUF) "
+                "nor a model directory"
+            )
+        return "gguf"
+    if (src / "adapter_config.json").is_file():
+        raise UserError(f"model '{src}': a LoRA adapter; import its base model instead")
+    check_model_files(src)
+    quantization = _read_object(src / "config.json", src).get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise UserError(
+            f"model '{src}': quantized ({method or 'quantization_config'}); "
+            "import an unquantized model or a GGUF file"
+        )
+    return "hf"
+
+
+def _check_import_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"out '{out}': exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"out '{out}': exists and is not empty (--force replaces it)")
+    target, source = out.resolve(), src.resolve()
+    if target == source or target in source.parents:
+        raise UserError(f"out '{out}': holds the source '{src}'; choose another directory")

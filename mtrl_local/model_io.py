@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from mtrl_local.chat import prepare_tokenizer_for_trl
-from mtrl_local.errors import UserError
+from mtrl_local.errors import UserError, first_line
 from mtrl_local.model_files import check_model_files
 
 
@@ -52,7 +52,7 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UserError(
-            f"model '{path}': its tokenizer cannot be loaded ({_first_line(exc)})"
+            f"model '{path}': its tokenizer cannot be loaded ({first_line(exc)})"
         ) from None
     if not tokenizer.chat_template:
         prepare_tokenizer_for_trl(tokenizer)
@@ -61,15 +61,9 @@ def load_model(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-        why = _first_line(exc)
+        why = first_line(exc)
         raise UserError(
             f"model '{path}': config.json or weights cannot be loaded ({why})"
         ) from None
     model.eval()
     return model, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    """A library's exception as one line (transformers' messages run over several)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -150,6 +150,8 @@ class ExpertEpisode:
             "strict": self.strict,
             "source": "noisy_expert" if self.noise_events else "reference",
             "noise_events": self.noise_events,
+            # The schemas the prompt offered: the line is also a demonstration for `mtrl sft`.
+            "tools": self.tools,
         }
 
 

@@ -84,6 +84,7 @@ def main(model_dir: str, out: str, overrides: str = "{}") -> None:
         tokenizer.pad_token_id,
         torch.device("cpu"),
         reference=reference,
+        max_completion_tokens=2048,  # the dr_grpo constant; unused by the other aggregations
     )
     metrics = update_policy(
         ctx, cfg, [trajectories[i] for i in mine], [advantages[i] for i in mine]

@@ -155,6 +155,22 @@ def test_group_based_per_turn_equal_totals_are_zero() -> None:
     assert torch.equal(a, torch.zeros(2)) and torch.equal(b, torch.zeros(2))
 
 
+def test_equal_totals_up_to_rounding_are_equal() -> None:
+    # 0.1 + 0.2 + 0.3 = 0.6000000000000001 but 0.3 + 0.2 + 0.1 = 0.6 in float64: the totals are
+    # one ulp apart, std ≈ 5.6e-17, and without a tolerance the return-to-go differences
+    # (0.3 − 0.6, 0.5 − 0.6, …) were divided by ~1e-6: advantages down to −5·10⁵.
+    a, b = group_based_per_turn([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]])
+    assert torch.equal(a, torch.zeros(3)) and torch.equal(b, torch.zeros(3))
+    # Summed for a scalar estimator, the same group is a zero-advantage group (no gradient, and
+    # what analysis/zero_adv_groups and dynamic sampling count).
+    result = compute_advantages([[0.1, 0.2, 0.3], [0.3, 0.2, 0.1]], [[0, 1]], "group_based")
+    assert result.zero_groups == [0]
+    assert all(torch.equal(x, torch.zeros(())) for x in result.advantages)
+    # A real difference, however small, still counts (1e-6 > 1e-9): mean 0.6000005, std 5e-7,
+    # A = ±5e-7/(5e-7 + 1e-6) = ±0.333333.
+    close(group_based([0.6, 0.6 + 1e-6]), [-0.333333, 0.333333])
+
+
 def test_group_based_per_turn_needs_a_reward_per_trajectory() -> None:
     with pytest.raises(ValueError):
         group_based_per_turn([[1.0], []])

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mtrl_local.chat import encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.errors import UserError
 from mtrl_local.model_io import load_model
 from mtrl_local.plugins import load_task
@@ -47,12 +47,12 @@ def test_measure_episode_reads_the_experts_tool_outputs_or_only_the_prompt() -> 
     _, tok = load_model(default_model_path(progress=False))
     case = task.cases("train")[0]
     episode = task.run_expert(case)
-    prompt = len(encode_prompt(tok, episode.messages[:2], episode.tools))
+    prompt = len(ChatCodec(tok).encode_prompt(episode.messages[:2], episode.tools))
     longest = max(
         len(tok.encode(m["content"], add_special_tokens=False))
         for m in episode.messages
         if m["role"] == "tool"
     )
-    assert measure_episode(task, tok, case) == (prompt, longest + 8)
+    assert measure_episode(task, ChatCodec(tok), case) == (prompt, longest + 8)
     # A task without an expert: the prompt is measured from the environment, tool output as 0.
-    assert measure_episode(NoExpert(task), tok, case) == (prompt, 0)
+    assert measure_episode(NoExpert(task), ChatCodec(tok), case) == (prompt, 0)

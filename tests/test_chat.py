@@ -20,12 +20,10 @@ from mtrl_local.chat import (
     RESPONSE_TEMPLATE,
     TAG_TOKENS,
     TOOLS_HEADER,
-    encode_assistant,
-    encode_continuation,
-    encode_prompt,
     prepare_tokenizer_for_trl,
     render,
 )
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.env import render_final_response, render_tool_call
 from sopbench.default_model.tokenizer import train_tokenizer
 
@@ -178,7 +176,7 @@ def test_prefix_preserving_over_tool_conversation(tok: PreTrainedTokenizerBase) 
     for k in turns:
         before = ids_of(tok, render(tok, msgs[:k], TOOLS, add_generation_prompt=True))
         after = ids_of(tok, render(tok, msgs[: k + 1], TOOLS))
-        expected = before + encode_assistant(tok, msgs[k]["content"])
+        expected = before + ChatCodec(tok).encode_assistant(msgs[k]["content"])
         assert after[: len(expected)] == expected, f"turn at message {k}"
 
 
@@ -187,11 +185,13 @@ def build_trajectory(
 ) -> tuple[list[int], list[int]]:
     """What the rollout engine does: ids and loss mask built only by appending ids."""
     first = next(k for k, m in enumerate(msgs) if m["role"] == "assistant")
-    ids = encode_prompt(tok, msgs[:first], TOOLS)
+    ids = ChatCodec(tok).encode_prompt(msgs[:first], TOOLS)
     mask = [0] * len(ids)
     k = first
     while k < len(msgs):
-        sampled = encode_assistant(tok, msgs[k]["content"])  # stands for the sampler's output
+        sampled = ChatCodec(tok).encode_assistant(
+            msgs[k]["content"]
+        )  # stands for the sampler's output
         ids += sampled
         mask += [1] * len(sampled)
         k += 1
@@ -199,7 +199,7 @@ def build_trajectory(
         while k < len(msgs) and msgs[k]["role"] != "assistant":
             new.append(msgs[k])
             k += 1
-        glue = encode_continuation(tok, new)
+        glue = ChatCodec(tok).encode_continuation(new)
         ids += glue
         mask += [0] * len(glue)
     return ids, mask
@@ -219,7 +219,7 @@ def test_trajectory_by_appending_ids_equals_full_render(
     # The full render also closes the last turn with "\n"; the trajectory ends at the sampled eos.
     assert full == ids + ids_of(tok, "\n")
     assert ids[-1] == tok.eos_token_id
-    assert encode_continuation(tok, []) == []
+    assert ChatCodec(tok).encode_continuation([]) == []
 
 
 def test_assistant_mask_is_exactly_replies_and_eos(tok: PreTrainedTokenizerBase) -> None:
@@ -309,20 +309,20 @@ def test_trl_parse_response_reads_tool_calls(tok: PreTrainedTokenizerBase) -> No
     from trl.chat_template_utils import parse_response
 
     msgs = conversation()
-    prompt = encode_prompt(tok, msgs[:2], TOOLS)
+    prompt = ChatCodec(tok).encode_prompt(msgs[:2], TOOLS)
     parsed = parse_response(
-        tok, encode_assistant(tok, msgs[4]["content"]), prefix=prompt, tools=TOOLS
+        tok, ChatCodec(tok).encode_assistant(msgs[4]["content"]), prefix=prompt, tools=TOOLS
     )
     assert parsed["content"] == ""
     assert [c["function"] for c in parsed["tool_calls"]] == [
         {"name": "check_component", "arguments": {"tail": "N731QK", "component": "engine"}},
         {"name": "check_component", "arguments": {"tail": "N731QK", "component": "battery"}},
     ]
-    parsed = parse_response(tok, encode_assistant(tok, msgs[2]["content"]), prefix=prompt)
+    parsed = parse_response(tok, ChatCodec(tok).encode_assistant(msgs[2]["content"]), prefix=prompt)
     assert parsed["content"] == "First the identification."
     assert parsed["tool_calls"][0]["function"]["arguments"] == {"tail": "N731QK"}
     final = msgs[-1]["content"]
-    assert parse_response(tok, encode_assistant(tok, final), prefix=prompt) == {
+    assert parse_response(tok, ChatCodec(tok).encode_assistant(final), prefix=prompt) == {
         "role": "assistant",
         "content": final,
     }
@@ -363,7 +363,7 @@ def test_trl_sft_assistant_only_loss(tok: PreTrainedTokenizerBase, tmp_path: Any
     row = trainer.train_dataset[0]
     trained = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     replies = [m["content"] for m in sft_rows(1)[0]["messages"] if m["role"] == "assistant"]
-    assert trained == [t for r in replies for t in encode_assistant(tok, r)]
+    assert trained == [t for r in replies for t in ChatCodec(tok).encode_assistant(r)]
     result = trainer.train()
     assert trainer.state.global_step == 2
     assert torch.isfinite(torch.tensor(result.training_loss))
@@ -394,8 +394,8 @@ def overfit_tool_call(
     has a real call to parse and run (a random model almost never writes one)."""
     model = tiny_qwen3(tok)
     tools = [Hangar().get_aircraft]
-    prompt_ids = encode_prompt(tok, prompt, tools)
-    reply = encode_assistant(tok, render_tool_call("get_aircraft", {"tail": "N100QK"}))
+    prompt_ids = ChatCodec(tok).encode_prompt(prompt, tools)
+    reply = ChatCodec(tok).encode_assistant(render_tool_call("get_aircraft", {"tail": "N100QK"}))
     ids = torch.tensor([prompt_ids + reply])
     labels = torch.tensor([[-100] * len(prompt_ids) + reply])
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)

@@ -80,8 +80,9 @@ def test_bad_recipe_files_name_the_file(tmp_path: Path) -> None:
 
 def test_clip_ranges_default_per_loss() -> None:
     assert (load_config().epsilon_low, load_config().resolved_epsilon_high) == (0.2, 0.2)
+    # cispo's ε_high is the cap on its weight (TRL's meaning): 7.0 = the 1 + 6.0 it used to be.
     cispo = load_config(None, {"loss_type": "cispo"})
-    assert (cispo.epsilon_low, cispo.resolved_epsilon_high) == (1.0, 6.0)
+    assert (cispo.epsilon_low, cispo.resolved_epsilon_high) == (1.0, 7.0)
     ppo = load_config(None, {"epsilon": "0.1"})
     assert (ppo.epsilon_low, ppo.resolved_epsilon_high) == (0.1, 0.2)
 
@@ -144,3 +145,45 @@ def test_to_dict_round_trips() -> None:
         "n_samples": 4,
     }
     assert load_config(None, data) == cfg
+
+
+def test_cispo_epsilon_high_is_a_cap_of_at_least_one() -> None:
+    # 0.28 is a fine ε_high for ppo (ratio ≤ 1.28) but as cispo's cap it would shrink every
+    # on-policy token's weight to 0.28: refused, saying why.
+    assert load_config(None, {"epsilon_high": "0.28"}).resolved_epsilon_high == 0.28
+    with pytest.raises(UserError, match=r"epsilon_high .* cap on cispo's IS weight .* ≥ 1"):
+        load_config(None, {"loss_type": "cispo", "epsilon_high": "0.28"})
+
+
+def test_algorithm_options_default_off_and_parse() -> None:
+    cfg = load_config()
+    assert (cfg.importance_sampling_level, cfg.loss_aggregation) == ("token", "token_mean")
+    assert (cfg.kl_estimator, cfg.is_correction, cfg.entropy_coef) == ("k3", "token_truncate", 0)
+    assert (cfg.mask_truncated, cfg.dynamic_sampling, cfg.max_refill_rounds) == (False, False, 3)
+    cfg = load_config(
+        None,
+        parse_overrides(
+            [
+                "importance_sampling_level=sequence",
+                "loss_aggregation=dr_grpo",
+                "kl_estimator=k2",
+                "is_correction=sequence_mask",
+                "entropy_coef=0.01",
+                "mask_truncated=true",
+                "dynamic_sampling=yes",
+                "max_refill_rounds=0",
+            ]
+        ),
+    )
+    assert (cfg.importance_sampling_level, cfg.loss_aggregation) == ("sequence", "dr_grpo")
+    assert (cfg.kl_estimator, cfg.is_correction) == ("k2", "sequence_mask")
+    assert (cfg.entropy_coef, cfg.mask_truncated, cfg.dynamic_sampling) == (0.01, True, True)
+    assert cfg.max_refill_rounds == 0
+    for pair, message in [
+        ("kl_estimator=k4", "field 'kl_estimator' must be one of k1, k2, k3"),
+        ("importance_sampling_level=seq", "must be one of token, sequence"),
+        ("entropy_coef=-0.1", "field 'entropy_coef' must be a finite number ≥ 0"),
+        ("max_refill_rounds=-1", "field 'max_refill_rounds' must be an integer ≥ 0"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            load_config(None, parse_overrides([pair]))

@@ -23,9 +23,9 @@ from mtrl_local.chat import (
     CHAT_TEMPLATE,
     IM_END,
     RESPONSE_TEMPLATE,
-    encode_prompt,
     render,
 )
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.evaluate import EvalConfig, evaluate
 from mtrl_local.model_io import load_model
 from mtrl_local.plugins import load_task
@@ -301,7 +301,7 @@ def test_build_is_a_loadable_hf_dir_with_our_chat_format(tiny_build: Path) -> No
     assert tok.eos_token == IM_END
     assert tok.response_template == RESPONSE_TEMPLATE
     assert len(tok) <= 400
-    ids = encode_prompt(tok, [{"role": "user", "content": "Check AC-12345."}])
+    ids = ChatCodec(tok).encode_prompt([{"role": "user", "content": "Check AC-12345."}])
     out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > len(ids)
 

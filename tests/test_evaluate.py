@@ -446,20 +446,20 @@ def test_cli_baseline_greedy_and_sampled(
 def test_scripted_reference_scores_one(tokenizer: Any) -> None:
     """The reference policy's turns replayed through the engine: TSR 1 and pass@k 1, except one
     sample made to give up, which moves TSR and pass@1 but not pass@2."""
-    from mtrl_local.chat import encode_assistant
+    from mtrl_local.chat_codec import ChatCodec
     from mtrl_local.rollout.scripted import ScriptedSampler
 
     task = load_task(TASK)
     cases = task.cases("test")[:4]
     turns = {
         c.case_id: [
-            encode_assistant(tokenizer, m["content"])
+            ChatCodec(tokenizer).encode_assistant(m["content"])
             for m in task.run_expert(c).messages
             if m["role"] == "assistant"
         ]
         for c in cases
     }
-    give_up = encode_assistant(tokenizer, "I cannot do this.")
+    give_up = ChatCodec(tokenizer).encode_assistant("I cannot do this.")
     loser = f"{cases[0].case_id}#1"
 
     def script(key: str, turn: int, context: list[int]) -> list[int]:

@@ -13,12 +13,12 @@ from hypothesis import strategies as st
 
 from mtrl_local.config import Aggregation
 from mtrl_local.errors import UserError
+from mtrl_local.kl import kl_k3
 from mtrl_local.losses import (
     LOSSES,
     aggregate,
     cispo_term,
     get_loss_fn,
-    kl_k3,
     policy_loss,
 )
 from tests.legacy import losses_e4464ff as legacy
@@ -65,15 +65,16 @@ def test_ppo_clip_blocks_the_gradient_on_the_binding_side() -> None:
 
 
 def test_cispo_keeps_the_gradient_of_clipped_tokens() -> None:
-    # Same tokens, ε = 0.2/0.2: weights sg(clip(r)) = [1.2, 1.2, 0.8, 0.8];
-    # ∂/∂logπ (−w·A·logπ) = −w·A = [−1.2, 1.2, 0.8, −0.8], /4. The token PPO blocked (first) moves.
+    # Same tokens, ε_low = 0.2 and cap ε_high = 1.2 (TRL's meaning: the cap itself): weights
+    # sg(clip(r, 0.8, 1.2)) = [1.2, 1.2, 0.8, 0.8]; ∂/∂logπ (−w·A·logπ) = −w·A =
+    # [−1.2, 1.2, 0.8, −0.8], /4. The token PPO blocked (first) moves.
     logp = current()
-    loss, metrics = policy_loss("cispo", logp, OLD, ADV, MASK, epsilon_low=0.2, epsilon_high=0.2)
+    loss, metrics = policy_loss("cispo", logp, OLD, ADV, MASK, epsilon_low=0.2, epsilon_high=1.2)
     loss.backward()
     assert logp.grad is not None
     close(logp.grad, [[-0.3, 0.3, 0.2, -0.2]])
     close(metrics["clip_frac"], 1.0)
-    # Recipe defaults (1.0, 6.0): no clip here, weights are the ratios themselves.
+    # Recipe defaults (1.0, 7.0): no clip here, weights are the ratios themselves.
     logp = current()
     loss, metrics = policy_loss("cispo", logp, OLD, ADV, MASK)
     loss.backward()
@@ -280,11 +281,15 @@ def test_same_numbers_as_the_losses_before_the_per_token_terms(
         kwargs.update(ref_logprobs=ref, beta=0.05)
     if "caps" in extras:
         kwargs.update(is_cap=1.3, tis_cap=1.5, epsilon_low=0.1, epsilon_high=0.3)
+    # cispo's ε_high is now the cap itself (TRL's meaning); the legacy one was 1 + ε_high.
+    new_kwargs = dict(kwargs)
+    if name == "cispo":
+        new_kwargs["epsilon_high"] = 1.0 + float(kwargs["epsilon_high"])  # type: ignore[arg-type]
 
     results = []
-    for fn in (policy_loss, legacy.policy_loss):
+    for fn, fn_kwargs in ((policy_loss, new_kwargs), (legacy.policy_loss, kwargs)):
         logp = logp0.clone().requires_grad_()
-        loss, metrics = fn(name, logp, old, adv, mask, **kwargs)  # type: ignore[operator]
+        loss, metrics = fn(name, logp, old, adv, mask, **fn_kwargs)  # type: ignore[operator]
         (grad,) = torch.autograd.grad(loss, logp)
         results.append((loss.detach(), grad, {k: v.detach() for k, v in metrics.items()}))
     (new_loss, new_grad, new_m), (old_loss, old_grad, old_m) = results

@@ -21,7 +21,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mtrl_local.chat import encode_assistant
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.env import Environment, ToolLimits, render_final_response, render_tool_call
 from mtrl_local.env.actions import FINAL_OPEN, TOOL_CALL_OPEN
 from mtrl_local.metrics import FAILURE_RATE, TRUNCATED_FRAC, TURNS_MAX_TURNS_FRAC, rollout_metrics
@@ -124,10 +124,10 @@ def reference_script(tok: PreTrainedTokenizerBase, cases: list[Case]) -> dict[st
         for m in TASK.run_expert(case).messages:
             if m["role"] == "assistant":
                 text = m["content"]
-                canonical = encode_assistant(tok, text)
+                canonical = ChatCodec(tok).encode_assistant(text)
                 for cut in range(len(text) // 2, len(text)):  # split inside a merged token
                     ids = tok.encode(text[:cut], add_special_tokens=False)
-                    ids += encode_assistant(tok, text[cut:])
+                    ids += ChatCodec(tok).encode_assistant(text[cut:])
                     if ids != canonical:
                         break
                 turns.append(ids)
@@ -140,7 +140,9 @@ def eos(tok: PreTrainedTokenizerBase) -> int:
 
 
 def ids(tok: PreTrainedTokenizerBase, text: str, end: bool = True) -> list[int]:
-    return encode_assistant(tok, text) if end else tok.encode(text, add_special_tokens=False)
+    return (
+        ChatCodec(tok).encode_assistant(text) if end else tok.encode(text, add_special_tokens=False)
+    )
 
 
 def checked(trajs: list[Trajectory]) -> list[Trajectory]:

@@ -18,7 +18,7 @@ import openai
 import pytest
 import torch
 
-from mtrl_local.chat import encode_assistant, encode_continuation, encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.config import load_config
 from mtrl_local.model_io import load_model
 from mtrl_local.plugins import resolve_agent
@@ -83,7 +83,7 @@ class TextSampler:
         for r in requests:
             with self._lock:
                 text = self.texts[sum(map(len, self.results.values())) % len(self.texts)]
-            ids = encode_assistant(self.tokenizer, text)[: params.max_tokens]
+            ids = ChatCodec(self.tokenizer).encode_assistant(text)[: params.max_tokens]
             self.results.setdefault(r.key, []).append(ids)
             finish = "stop" if ids[-1] == self.eos_token_id else "length"
             out.append(GenerationResult(ids, [-0.5] * len(ids), finish))  # type: ignore[arg-type]
@@ -144,8 +144,8 @@ def test_turns_are_recorded_by_appending_ids(tokenizer: Any) -> None:
         traj = server.registry.trajectory("ep1")
     traj.check()
     turn0, turn1 = sampler.results["ep1"]
-    prompt = encode_prompt(tokenizer, opening(), TOOLS)
-    glue = encode_continuation(tokenizer, [{"role": "tool", "content": tool["content"]}])
+    prompt = ChatCodec(tokenizer).encode_prompt(opening(), TOOLS)
+    glue = ChatCodec(tokenizer).encode_continuation([{"role": "tool", "content": tool["content"]}])
     assert traj.input_ids == prompt + turn0 + glue + turn1
     assert [traj.input_ids[s.start : s.end] for s in traj.turns] == [turn0, turn1]
     # The second request's context is exactly the first's plus what was sampled and the glue.

@@ -345,6 +345,16 @@ def _ddp_step(model: Path, out: Path, overrides: dict[str, Any]) -> dict[str, An
     return torch.load(out, weights_only=False)
 
 
+ALGORITHM_OPTIONS = {
+    "importance_sampling_level": "sequence",
+    "loss_aggregation": "dr_grpo",
+    "is_correction": "sequence_truncate",
+    "beta": 0.1,
+    "kl_estimator": "k2",
+    "entropy_coef": 0.1,
+}
+
+
 @pytest.mark.parametrize(
     ("reference", "variant"),
     [
@@ -355,8 +365,20 @@ def _ddp_step(model: Path, out: Path, overrides: dict[str, Any]) -> dict[str, An
         ({"share_prefix": False}, {"share_prefix": True, "micro_batch_rows": 16}),
         # The reference model's logprobs through the shared prefix too (KL term not zero).
         ({"share_prefix": False, "beta": 0.1}, {"share_prefix": True, "beta": 0.1}),
+        # The algorithm options: GSPO's sequence ratio, Dr. GRPO's constant, the sequence-level
+        # sampler correction, the k2 KL and the entropy bonus (its gradient through the prefix).
+        (
+            {"share_prefix": False, **ALGORITHM_OPTIONS},
+            {"share_prefix": True, "micro_batch_rows": 16, **ALGORITHM_OPTIONS},
+        ),
     ],
-    ids=["padded-rows", "shared-prefix", "shared-prefix-padded", "shared-prefix-kl"],
+    ids=[
+        "padded-rows",
+        "shared-prefix",
+        "shared-prefix-padded",
+        "shared-prefix-kl",
+        "shared-prefix-padded-options",
+    ],
 )
 def test_update_variants_give_the_same_step(
     tiny_model: Path, tmp_path: Path, reference: dict[str, Any], variant: dict[str, Any]

@@ -14,7 +14,7 @@ from typing import Any
 
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from mtrl_local.chat import encode_assistant
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.plugins import load_reward, load_task, resolve_model
 from mtrl_local.rollout.scripted import ScriptedSampler
@@ -62,7 +62,7 @@ def noisy_expert_sampler(
                 task.case(case_id), noise_rate=noise_rate, noise_seed=int(sample.split("~")[0])
             )
             cache[key] = [
-                encode_assistant(tokenizer, m["content"])
+                ChatCodec(tokenizer).encode_assistant(m["content"])
                 for m in episode.messages
                 if m["role"] == "assistant"
             ]

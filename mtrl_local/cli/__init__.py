@@ -4,9 +4,10 @@
 budget), ``audit`` runs the pytest-driven reward audits, ``export`` writes cases or expert
 episodes as JSONL, ``eval`` evaluates a model (beside its base) with the strict scorer,
 ``baseline`` puts the base model through that evaluation and ``train`` runs baseline → RL →
-final evaluation. Other packages add commands (the dashboard adds ``dash``). A user mistake
-(unknown task, malformed file, missing model) prints one line naming the file and field and
-exits with code 2 — never a traceback.
+final evaluation; ``model import`` imports a GGUF file or a Hugging Face directory, and ``sft``
+warm-starts a model from demonstrations. Other packages add commands (the dashboard adds
+``dash``). A user mistake (unknown task, malformed file, missing model) prints one line naming
+the file and field and exits with code 2 — never a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from mtrl_local.errors import UserError
 
 
 def _run(args: argparse.Namespace, console: Console) -> int:
-    if hasattr(args, "handler"):  # a plugin's command sets its own
+    if hasattr(args, "handler"):  # `mtrl model`, `mtrl sft` and plugin commands set their own
         return int(args.handler(args, console))
     if args.command in suite_commands.COMMANDS:
         return suite_commands.COMMANDS[args.command](args, console)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from mtrl_local.cli.inputs import EvalInputs, TrainInputs
 from mtrl_local.cli.tables import format_table
@@ -28,12 +29,7 @@ from mtrl_local.evaluate import (
 from mtrl_local.plugins import resolve_model
 from mtrl_local.run_dir import RunDir
 from mtrl_local.server.train import run_agent_pipeline
-from mtrl_local.train.pipeline import RunInputs, run_pipeline
-
-ZERO_BASE_HINT = (
-    "[bold yellow]the base model scores zero: simplify the task or teach the format first; "
-    "RL amplifies what the model can already do[/]"
-)
+from mtrl_local.train.pipeline import RunInputs, run_pipeline, zero_base_hint
 
 
 # -- eval and baseline ---------------------------------------------------------------------------
@@ -50,6 +46,7 @@ def _eval_config(args: argparse.Namespace, **overrides: Any) -> EvalConfig:
         "max_batch": args.max_batch,
         "max_cases": args.max_cases,
         "device": args.device,
+        "chat_format": args.chat_format,
     }
     values.update(overrides)
     return EvalConfig(**values)
@@ -98,7 +95,7 @@ def run_baseline(args: argparse.Namespace, inputs: EvalInputs, console: Console)
     best = max(max(r.summary["tsr"], r.summary["pass_at_1"]) for r in results)
     best_n = max(r.summary.get(f"pass_at_{args.n}", 0.0) for r in results)
     if best == 0.0 and best_n == 0.0:
-        console.print(ZERO_BASE_HINT)
+        console.print(f"[bold yellow]{escape(zero_base_hint(inputs.model, task.name))}[/]")
     console.print(
         "next: validate the reward on these outputs: "
         f"mtrl audit --task {task.name} --rollouts {out / ROLLOUTS_FILE}"

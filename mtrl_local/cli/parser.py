@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtrl_local.chat_formats import CHAT_FORMAT_NAMES
+from mtrl_local.cli import model_group, sft_command
 from mtrl_local.cli.values import OneLineParser, integer, number
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.errors import UserError
@@ -68,6 +70,12 @@ def _add_eval_args(p: argparse.ArgumentParser, model_default: str | None) -> Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="rewards.dense:dense_reward", help="module:function")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda…")
+    p.add_argument(
+        "--chat-format",
+        choices=CHAT_FORMAT_NAMES,
+        default="auto",
+        help="how the model writes tool calls (auto: from its chat template)",
+    )
     p.add_argument("--out", default=None, help="output dir (default runs/eval-<task>-<time>)")
 
 
@@ -155,5 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_suite_commands(sub)
     _add_eval_commands(sub)
     _add_train_command(sub)
+    model_group.register(sub)
+    sft_command.register(sub)
     _add_plugin_commands(sub)
     return parser

@@ -84,12 +84,20 @@ def _parse_call(raw: str) -> ParsedCall:
         obj = load_json(raw)
     except UnreadableJSON as exc:
         return ParsedCall(None, None, f"tool call {exc}", raw)
-    if not isinstance(obj, dict):
+    return call_from_json(obj, raw)
+
+
+def call_from_json(
+    value: Any, raw: str, argument_keys: Sequence[str] = ("arguments",)
+) -> ParsedCall:
+    """A call from a decoded JSON value: an object with a ``name``, its arguments under the first
+    of ``argument_keys`` present (``{}`` when none is)."""
+    if not isinstance(value, dict):
         return ParsedCall(None, None, "tool call must be a JSON object", raw)
-    name = obj.get("name")
+    name = value.get("name")
     if not isinstance(name, str) or not name:
         return ParsedCall(None, None, "tool call has no 'name'", raw)
-    arguments = obj.get("arguments", {})
+    arguments: Any = next((value[k] for k in argument_keys if k in value), {})
     if isinstance(arguments, str):
         # Some models emit arguments as a JSON-encoded string (OpenAI wire format); one that does
         # not decode stays a string, which the tool refuses as "not a JSON object".

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Literal
 
-from mtrl_local.env.actions import has_final_response, parse_tool_calls
+from mtrl_local.env.actions import ParsedCall, has_final_response, parse_tool_calls
 from mtrl_local.env.calls import ERROR_PREFIX as ERROR_PREFIX  # re-exported (rollout counters)
 from mtrl_local.env.calls import ToolCall, ToolResult, error_result, run_tool
 from mtrl_local.env.calls import ToolError as ToolError  # re-exported: tools raise it
@@ -277,10 +277,19 @@ class Episode:
                 ep.step(policy(messages))
     """
 
-    def __init__(self, env: Environment, case: Any, seed: int = 0, max_turns: int = 16) -> None:
+    def __init__(
+        self,
+        env: Environment,
+        case: Any,
+        seed: int = 0,
+        max_turns: int = 16,
+        parse_calls: Callable[[str], list[ParsedCall]] = parse_tool_calls,
+    ) -> None:
         if max_turns < 1:
             raise ValueError("max_turns must be >= 1")
         self.env = env
+        #: Reads the tool calls of an assistant turn (the model's chat format; ours by default).
+        self.parse_calls = parse_calls
         self.case = case
         self.seed = seed
         self.max_turns = max_turns
@@ -310,7 +319,7 @@ class Episode:
         if self.done:
             raise RuntimeError("episode is already done")
         self.stats.turns += 1
-        calls = [] if has_final_response(assistant_text) else parse_tool_calls(assistant_text)
+        calls = [] if has_final_response(assistant_text) else self.parse_calls(assistant_text)
         message: Message = {"role": "assistant", "content": assistant_text}
         if calls:
             message["tool_calls"] = [

@@ -34,6 +34,8 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from mtrl_local.chat_codec import ChatCodec
+from mtrl_local.chat_formats import ChatFormat
 from mtrl_local.env import ToolLimits
 from mtrl_local.rollout.episode import EpisodeRun
 from mtrl_local.rollout.sampler import (
@@ -138,12 +140,15 @@ class RolloutEngine:
         max_batch: int = 64,
         progress: bool = True,
         tool_limits: ToolLimits | None = None,
+        chat_format: ChatFormat | str = "auto",
     ) -> None:
-        """``tool_limits`` override the environments' own tool timeout and output cap."""
+        """``tool_limits`` override the environments' own tool timeout and output cap;
+        ``chat_format`` is how the model writes tool calls (:mod:`mtrl_local.chat_formats`)."""
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.sampler = sampler
         self.tokenizer = tokenizer
+        self.codec = ChatCodec(tokenizer, chat_format)
         self.max_batch = max_batch
         self.progress = progress
         self.tool_limits = tool_limits or ToolLimits()
@@ -219,7 +224,7 @@ class RolloutEngine:
             run = EpisodeRun.start(
                 call.task,
                 case,
-                self.tokenizer,
+                self.codec,
                 sample_index=s,
                 key=key,
                 seed=call.seed,
@@ -263,7 +268,7 @@ class RolloutEngine:
         call.active = []
         for (index, run), result in zip(batch, results, strict=True):
             call.stats.sampled_tokens += len(result.token_ids)
-            reason = run.advance(result, self.tokenizer, self.sampler.max_context_len)
+            reason = run.advance(result, self.codec, self.sampler.max_context_len)
             if run.episode.done or run.traj.failed:
                 self._finish(call, index, run, reason)
             else:

@@ -2,8 +2,9 @@
 
 The trajectory is built only by appending ids: the encoded prompt, then per turn the sampled ids
 exactly as the sampler returned them (``loss_mask`` 1, with their logprobs) and the ids of the
-tool results and template glue (:func:`~mtrl_local.chat.encode_continuation`, mask 0). The
-sampled ids are decoded only to drive the environment; the decoded text is never encoded again.
+tool results and template glue (:meth:`~mtrl_local.chat_codec.ChatCodec.encode_continuation`,
+mask 0). The sampled ids are decoded only to drive the environment, whose tool calls are read in
+the codec's chat format; the decoded text is never encoded again.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
-from mtrl_local.chat import encode_continuation, encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.env import Environment, Episode, StepResult, ToolLimits, has_final_response
 from mtrl_local.env.actions import FINAL_CLOSE
 from mtrl_local.env.base import ERROR_PREFIX
@@ -39,7 +38,7 @@ class EpisodeRun:
         cls,
         task: Task,
         case: Any,
-        tokenizer: PreTrainedTokenizerBase,
+        codec: ChatCodec,
         *,
         sample_index: int,
         key: str,
@@ -68,9 +67,11 @@ class EpisodeRun:
                     tool_timeout_s=tool_limits.timeout_s,
                     max_tool_output_chars=tool_limits.max_output_chars,
                 )
-            episode = Episode(env, case, seed=seed, max_turns=max_turns)
+            episode = Episode(
+                env, case, seed=seed, max_turns=max_turns, parse_calls=codec.parse_calls
+            )
             messages = episode.reset()
-            prompt = encode_prompt(tokenizer, messages, env.tool_schemas())
+            prompt = codec.encode_prompt(messages, env.tool_schemas())
         except Exception:
             logger.warning("episode %s: environment failed to start", key, exc_info=True)
             if env is not None:
@@ -88,7 +89,7 @@ class EpisodeRun:
     def advance(
         self,
         result: GenerationResult,
-        tokenizer: PreTrainedTokenizerBase,
+        codec: ChatCodec,
         context_limit: int | None,
     ) -> str | None:
         """Append one sampled turn, step the environment, append its answer.
@@ -106,9 +107,9 @@ class EpisodeRun:
         stopped = result.finish_reason == "stop"
         if not stopped:
             traj.counters["truncated_turns"] += 1
-        eos = tokenizer.eos_token_id
+        eos = codec.eos_id
         text_ids = ids[:-1] if stopped and ids and ids[-1] == eos else ids
-        text = str(tokenizer.decode(text_ids, skip_special_tokens=False))
+        text = str(codec.tokenizer.decode(text_ids, skip_special_tokens=False))
         try:
             step = ep.step(text)
         except Exception:
@@ -126,7 +127,7 @@ class EpisodeRun:
         if step.done:
             return None
         glue = [] if stopped else [int(eos)]  # close a cut turn (not sampled: mask 0)
-        more = glue + encode_continuation(tokenizer, step.messages)
+        more = glue + codec.encode_continuation(step.messages)
         room = self.room(context_limit)
         if room is not None and len(more) >= room:
             # No room for the tool results and one more token: end here, inside the window.

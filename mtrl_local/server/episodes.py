@@ -6,7 +6,8 @@ JSON, …), so the server never does: it keeps, per episode, the conversation it
 (``wire``: each message normalised the way it was sent or returned) next to the token history
 (prompt ids, sampled ids with their logprobs, glue). A new request must repeat ``wire`` as its
 prefix; only the messages after it are encoded, with
-:func:`~mtrl_local.chat.encode_continuation`, exactly as the rollout engine appends tool results.
+:meth:`~mtrl_local.chat_codec.ChatCodec.encode_continuation`, exactly as the rollout engine
+appends tool results.
 
 What a client may do to the history, and what we do about it:
 
@@ -31,7 +32,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from mtrl_local.chat import encode_continuation, encode_prompt
+from mtrl_local.chat_codec import ChatCodec
+from mtrl_local.chat_formats import HERMES
+from mtrl_local.errors import UserError
 from mtrl_local.scoring import Scorer
 from mtrl_local.server.auth import EpisodeKeys
 from mtrl_local.server.messages import (
@@ -63,6 +66,13 @@ class EpisodeRegistry:
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, eos_token_id: int) -> None:
         self.tokenizer = tokenizer
+        self.codec = ChatCodec(tokenizer)
+        if self.codec.format is not HERMES:
+            # Replies are turned into OpenAI tool_calls by reading <tool_call> blocks.
+            raise UserError(
+                f"rollout server: the model's chat format is {self.codec.format.name}; the server "
+                "reads tool calls in the hermes format only"
+            )
         self.eos_token_id = eos_token_id
         self._episodes: dict[str, EpisodeRecord] = {}
         self._lock = threading.RLock()
@@ -206,7 +216,7 @@ class EpisodeRegistry:
             if wire[:n] == rec.wire and len(wire) > n:
                 new = messages[n:]
                 glue = [self.eos_token_id] if rec.last is not None and rec.last.needs_eos else []
-                more = glue + encode_continuation(self.tokenizer, encodable(new))
+                more = glue + self.codec.encode_continuation(encodable(new))
                 rec._append(more, None)
                 rec.wire.extend(wire[n:])
                 rec.messages.extend(encodable(new))
@@ -233,7 +243,7 @@ class EpisodeRegistry:
     def _first(
         self, rec: EpisodeRecord, messages: list[Message], tools: list[dict[str, Any]] | None
     ) -> TurnPlan:
-        prompt = encode_prompt(self.tokenizer, encodable(messages), tools)
+        prompt = self.codec.encode_prompt(encodable(messages), tools)
         rec.prompt_len = len(prompt)
         rec._append(prompt, None)
         rec.tools = tools_key(tools)
@@ -271,7 +281,7 @@ class EpisodeRegistry:
     ) -> TurnPlan:
         rec.messages = encodable(messages)
         rec.busy = True
-        context = encode_prompt(self.tokenizer, encodable(messages), tools)
+        context = self.codec.encode_prompt(encodable(messages), tools)
         return TurnPlan(rec.episode_id, f"{rec.episode_id}!detached", context, detached=True)
 
     def _swap(self, rec: EpisodeRecord, alt: Choice) -> None:

@@ -13,12 +13,19 @@ weights while the trainer updates. A batch made by policy version v may be consu
 if ``s − v ≤ max_steps_off_policy``; older ones are dropped and counted. After every optimizer step
 the trainer hands the worker the new weights, which it loads between batches. The queue holds at
 most ``max_steps_off_policy`` batches, so the worker never runs further ahead than can be used.
+
+Dynamic sampling (DAPO, arXiv 2503.14476; verl's ``filter_groups``), in both modes: a group
+whose advantages are all zero teaches nothing, so it is dropped and more cases are sampled until
+the batch has its number of groups again, at most ``max_refill_rounds`` extra rounds (each
+sampling only the missing cases). Still short after them, the batch is topped up
+with dropped groups, so its shape never changes. The counts go to the step's metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import queue
 import random
@@ -30,6 +37,7 @@ from typing import Any, Protocol, cast
 import torch
 from transformers import PreTrainedModel
 
+from mtrl_local import metrics as M
 from mtrl_local.env import ToolLimits
 from mtrl_local.rollout.engine import RolloutEngine
 from mtrl_local.rollout.sampler import Sampler, SamplingParams
@@ -57,8 +65,17 @@ class StepBatch:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-#: (data_position, epoch) → (cases, next position, next epoch)
-CasePicker = Callable[[int, int], tuple[list[Any], int, int]]
+class CasePicker(Protocol):
+    """(data_position, epoch[, count]) → (cases, next position, next epoch); ``count`` cases
+    instead of a step's worth."""
+
+    def __call__(
+        self, position: int, epoch: int, count: int | None = None, /
+    ) -> tuple[list[Any], int, int]: ...
+
+
+#: The ids of the groups of these trajectories whose advantages are all zero.
+ZeroGroups = Callable[[Sequence[Trajectory]], set[str]]
 
 
 class CaseSchedule:
@@ -75,11 +92,14 @@ class CaseSchedule:
         random.Random(self.seed * 7919 + epoch).shuffle(order)
         return order
 
-    def pick(self, position: int, epoch: int) -> tuple[list[Any], int, int]:
-        """The next ``per_step`` cases from ``(position, epoch)``; wraps into the next epoch."""
+    def pick(
+        self, position: int, epoch: int, count: int | None = None
+    ) -> tuple[list[Any], int, int]:
+        """The next ``count`` (default ``per_step``) cases from ``(position, epoch)``; wraps into
+        the next epoch."""
         cases = []
         order = self._order(epoch)
-        for _ in range(self.per_step):
+        for _ in range(self.per_step if count is None else count):
             if position >= len(order):
                 position, epoch = 0, epoch + 1
                 order = self._order(epoch)
@@ -130,10 +150,15 @@ class EngineBatchSource:
         sampler: Sampler | None = None,
         inference_copy: torch.nn.Module | None = None,
         tool_limits: ToolLimits | None = None,
+        chat_format: str = "auto",
+        zero_groups: ZeroGroups | None = None,
+        max_refill_rounds: int = 0,
     ) -> None:
         """``inference_copy``: a whole copy of the weights to sample with when ``model`` is sharded
         (FSDP); it gets the policy's weights after every step. ``tool_limits`` override the
-        environments' tool timeout and output cap."""
+        environments' tool timeout and output cap; ``chat_format`` is the model's tool-call
+        format. ``zero_groups``: the advantage estimator's zero-advantage groups, for dynamic
+        sampling (module docstring; ``None`` = off) with ``max_refill_rounds`` extra rounds."""
         self.task = task
         self.n_samples = n_samples
         self.sampling = sampling
@@ -143,6 +168,8 @@ class EngineBatchSource:
         self.pick_cases = pick_cases
         self.seed = seed
         self.staleness = max_steps_off_policy
+        self.zero_groups = zero_groups
+        self.max_refill_rounds = max_refill_rounds
         self.dropped = 0
         self._error: BaseException | None = None
         #: Sync with the built-in sampler: the sampler shares the trainer's module (no copy).
@@ -166,7 +193,12 @@ class EngineBatchSource:
                 max_batch=max_batch,
             )
         self.engine = RolloutEngine(
-            self.sampler, tokenizer, max_batch=max_batch, progress=False, tool_limits=tool_limits
+            self.sampler,
+            tokenizer,
+            max_batch=max_batch,
+            progress=False,
+            tool_limits=tool_limits,
+            chat_format=chat_format,
         )
         self._queue: queue.Queue[StepBatch] = queue.Queue(maxsize=max(1, self.staleness))
         self._pending: tuple[Mapping[str, Any], int] | None = None
@@ -186,29 +218,63 @@ class EngineBatchSource:
             self._thread = threading.Thread(target=self._work, name="rollout-worker", daemon=True)
             self._thread.start()
 
-    def _make(self) -> StepBatch:
-        position, epoch = self._position
-        cases, position, epoch = self.pick_cases(position, epoch)
-        trajectories = self.engine.run(
+    def _run(self, cases: list[Any], seed: int) -> list[Trajectory]:
+        return self.engine.run(
             self.task,
             cases,
             n_samples=self.n_samples,
             sampling=self.sampling,
             max_turns=self.max_turns,
-            seed=step_seed(self.seed, self._batch_index),
+            seed=seed,
             reward_fn=self.reward_fn,
             scorer=self.scorer,
         )
-        self._position = (position, epoch)
-        self._batch_index += 1
-        stats = self.engine.stats
-        return StepBatch(
+
+    def _make(self) -> StepBatch:
+        position, epoch = self._position
+        cases, position, epoch = self.pick_cases(position, epoch)
+        seed = step_seed(self.seed, self._batch_index)
+        trajectories = self._run(cases, seed)
+        stats = self.engine.stats  # this run's
+        batch = StepBatch(
             trajectories=trajectories,
             policy_version=self.sampler.policy_version,
             data_position=position,
             epoch=epoch,
             wall_s=stats.seconds,
             new_tokens=stats.sampled_tokens,
+        )
+        if self.zero_groups is not None:
+            self._refill(batch, len(cases), seed, self.zero_groups)
+        self._position = (batch.data_position, batch.epoch)
+        self._batch_index += 1
+        return batch
+
+    def _refill(self, batch: StepBatch, n_groups: int, seed: int, zero_groups: ZeroGroups) -> None:
+        """Dynamic sampling: ``batch`` with its zero-advantage groups replaced by new ones (module
+        docstring); the extra rounds' episodes, tokens and seconds added to it."""
+        kept, spare = split_groups(batch.trajectories, zero_groups(batch.trajectories))
+        rounds = episodes = 0
+        while len(kept) < n_groups and rounds < self.max_refill_rounds:
+            rounds += 1
+            cases, batch.data_position, batch.epoch = self.pick_cases(
+                batch.data_position, batch.epoch, n_groups - len(kept)
+            )
+            more = self._run(cases, refill_seed(seed, rounds))
+            episodes += len(more)
+            batch.wall_s += self.engine.stats.seconds
+            batch.new_tokens += self.engine.stats.sampled_tokens
+            rename_clashes(more, {g[0].group_id for g in kept + spare}, rounds)
+            new_kept, new_spare = split_groups(more, zero_groups(more))
+            kept, spare = kept + new_kept, spare + new_spare
+        top_up = spare[: n_groups - len(kept)]
+        batch.trajectories = [t for group in kept + top_up for t in group]
+        batch.metrics.update(
+            {
+                M.GROUPS_DROPPED: float(len(spare) - len(top_up)),
+                M.REFILL_ROUNDS: float(rounds),
+                M.REFILL_EPISODES: float(episodes),
+            }
         )
 
     def next_batch(self, step: int) -> StepBatch:
@@ -273,3 +339,30 @@ class EngineBatchSource:
         except BaseException as exc:  # surfaced to the trainer by next_batch
             logger.exception("rollout worker failed")
             self._error = exc
+
+
+def refill_seed(seed: int, round_: int) -> int:
+    """The seed of refill round ``round_`` (≥ 1) of the step whose seed is ``seed``: a hash, so
+    that it is no other step's seed, in 31 bits, so that any generator takes it."""
+    digest = hashlib.blake2b(f"{seed}|refill|{round_}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def split_groups(
+    trajectories: Sequence[Trajectory], zero: set[str]
+) -> tuple[list[list[Trajectory]], list[list[Trajectory]]]:
+    """``trajectories`` as groups, in order of first appearance: those not in ``zero``, and
+    those in it."""
+    groups: dict[str, list[Trajectory]] = {}
+    for t in trajectories:
+        groups.setdefault(t.group_id, []).append(t)
+    kept = [g for gid, g in groups.items() if gid not in zero]
+    return kept, [g for gid, g in groups.items() if gid in zero]
+
+
+def rename_clashes(trajectories: Sequence[Trajectory], taken: set[str], round_: int) -> None:
+    """A refill round that wrapped around the case order may sample a case the batch already
+    holds: its group gets the id ``<id>~r<round>``, so the two groups stay apart."""
+    for t in trajectories:
+        if t.group_id in taken:
+            t.group_id = f"{t.group_id}~r{round_}"

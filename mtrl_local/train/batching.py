@@ -41,21 +41,31 @@ class TrainExample:
         return int(sum(self.loss_mask))
 
 
+def cut_by_token_budget(traj: Trajectory) -> bool:
+    """The episode was cut by a token budget: a turn reached ``sampling_max_tokens`` (what
+    ``rollout/truncated_frac`` counts) or the context window ended it (``done_reason`` length).
+    Its reward judges an answer the policy was not allowed to finish."""
+    return traj.truncated or traj.done_reason == "length"
+
+
 def build_examples(
     trajectories: Sequence[Trajectory],
     advantages: Sequence[Tensor],
     keep_zero_advantage: bool = False,
+    mask_truncated: bool = False,
 ) -> list[TrainExample]:
     """Training examples for ``trajectories`` with their (scalar or per-turn) advantages.
 
     Trajectories whose environment failed are left out (an environment bug is not the policy's
     doing). So are those whose advantage is zero on every token, unless ``keep_zero_advantage``
     (needed when a KL term gives them a gradient): they would cost a forward and backward pass and
-    add nothing to a policy-gradient loss.
+    add nothing to a policy-gradient loss. With ``mask_truncated`` (DAPO's overlong filtering)
+    so are those :func:`cut_by_token_budget`: their loss mask is all 0, KL term included; their
+    rewards still counted in their group's advantages.
     """
     out: list[TrainExample] = []
     for i, (traj, adv) in enumerate(zip(trajectories, advantages, strict=True)):
-        if traj.failed or not traj.turns:
+        if traj.failed or not traj.turns or (mask_truncated and cut_by_token_budget(traj)):
             continue
         value = adv.tolist() if adv.dim() else float(adv)
         per_token = token_advantages(value, traj.turns, len(traj.input_ids))  # (T,)
@@ -137,6 +147,7 @@ def token_logprobs(
     loss_mask: Tensor,  # (B, T)
     with_entropy: bool = False,
     prefix: PrefixKV | None = None,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """log π(token_t | tokens_<t) at every position with ``loss_mask`` 1; zeros elsewhere.
 
@@ -144,7 +155,8 @@ def token_logprobs(
     the model attends over the prefix's cached keys/values, positions continue after it.
 
     Returns ``(logprobs (B, T), entropy (B, T) or None)``; position t holds the logprob of token
-    t (position 0 is always 0: nothing predicts the first token). Only the masked positions go
+    t (position 0 is always 0: nothing predicts the first token). The entropy has a gradient
+    only with ``entropy_grad`` (an entropy bonus in the loss). Only the masked positions go
     through the LM head: the prompt and tool results are most of a trajectory, and their logits
     would be computed and thrown away.
     """
@@ -174,7 +186,7 @@ def token_logprobs(
     out[:, 1:][targets] = chosen - log_norm
     entropy = None
     if with_entropy:
-        with torch.no_grad():
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
             probs = torch.softmax(logits, dim=-1)  # (N, V)
             ent = log_norm - (probs * logits).sum(-1)  # (N,)
             entropy = torch.zeros_like(out)

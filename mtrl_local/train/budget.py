@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import PreTrainedTokenizerBase
-
-from mtrl_local.chat import encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.errors import UserError
 from mtrl_local.task import ExpertTask, Task
 
 
-def measure_episode(task: Task, tokenizer: PreTrainedTokenizerBase, case: Any) -> tuple[int, int]:
+def measure_episode(task: Task, codec: ChatCodec, case: Any) -> tuple[int, int]:
     """``(prompt tokens, most tokens one turn's tool results add)`` of one episode of ``case``.
 
     The tool results come from the task's expert when it has one (real tool outputs); without
@@ -32,10 +30,10 @@ def measure_episode(task: Task, tokenizer: PreTrainedTokenizerBase, case: Any) -
             messages, tools = env.reset(case), env.tool_schemas()
         finally:
             env.close()
-    prompt = encode_prompt(tokenizer, messages[:2], tools)
+    prompt = codec.encode_prompt(messages[:2], tools)
     tool_tokens = max(
         (
-            len(tokenizer.encode(m["content"], add_special_tokens=False)) + 8  # + template glue
+            len(codec.encode_text(m["content"])) + 8  # + template glue
             for m in messages
             if m["role"] == "tool"
         ),
@@ -97,7 +95,7 @@ def check_context_budget(
 def check_model_budget(
     model: Any,
     task: Task,
-    tokenizer: PreTrainedTokenizerBase,
+    codec: ChatCodec,
     case: Any,
     *,
     max_turns: int,
@@ -108,7 +106,7 @@ def check_model_budget(
     window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if window is None:
         return
-    prompt, tool_output = measure_episode(task, tokenizer, case)
+    prompt, tool_output = measure_episode(task, codec, case)
     check_context_budget(
         max_turns=max_turns,
         sampling_max_tokens=sampling_max_tokens,

@@ -100,11 +100,18 @@ def _baseline(trainer: Trainer) -> dict[str, Any]:
     write_trajectories(trainer.run.test_rollouts("base"), trajectories)
     trainer.store.add_evaluation(0, "test", "base", summary)
     if summary.get("tsr", 0.0) == 0.0:
-        logger.warning(
-            "the base model scores 0 on test: RL amplifies what the model can already do "
-            "— simplify the task or warm-start the model first"
-        )
+        logger.warning("%s", zero_base_hint(trainer.cfg.model, trainer.task.name))
     return summary
+
+
+def zero_base_hint(model: str, task: str) -> str:
+    """What to do about a base model whose strict TSR is 0 (``mtrl train`` logs it after the
+    baseline, ``mtrl baseline`` prints it): RL has no success to reinforce."""
+    return (
+        "the base model scores zero: RL amplifies what the model can already do — simplify the "
+        "task, or warm-start the model from demonstrations first: "
+        f"mtrl sft --model {model} --task {task} --out DIR"
+    )
 
 
 def _final_evaluation(

@@ -40,6 +40,11 @@ def seed_all(seed: int) -> None:
 def start_processes(cfg: MultiTurnRLConfig, *, agent: bool) -> dd.DistInfo:
     """This process's place under ``accelerate launch`` (one process otherwise), checked
     against what the config asks for."""
+    if agent and cfg.dynamic_sampling:
+        raise UserError(
+            "config: dynamic_sampling samples more cases with the task's own environment; "
+            "train --agent-cmd cannot (set dynamic_sampling=false)"
+        )
     info = dd.setup(cpu=not torch.cuda.is_available())
     if not info.active:
         if cfg.fsdp:
@@ -56,6 +61,12 @@ def start_processes(cfg: MultiTurnRLConfig, *, agent: bool) -> dd.DistInfo:
             "config: async_config.max_steps_off_policy > 0 needs one process (each process "
             "would drop stale batches on its own and the optimizer steps would fall out of "
             "step); set it to 0 under accelerate launch"
+        )
+    if cfg.dynamic_sampling:
+        raise UserError(
+            "config: dynamic_sampling needs one process (each process would refill its share "
+            "on its own and their case orders would fall apart); set it to false under "
+            "accelerate launch"
         )
     if cfg.prompts_per_step % info.world:
         raise UserError(

@@ -32,7 +32,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mtrl_local import metrics as M
-from mtrl_local.advantages import batch_advantages, estimator_kwargs
+from mtrl_local.advantages import BatchAdvantages, batch_advantages, estimator_kwargs
+from mtrl_local.chat_codec import ChatCodec, record_chat_format
 from mtrl_local.config import MultiTurnRLConfig
 from mtrl_local.env import ToolLimits
 from mtrl_local.eval_metrics import summarize
@@ -133,7 +134,7 @@ class Trainer:
         check_model_budget(  # refuse a config whose longest episode cannot fit the window
             self.model,
             self.task,
-            self.tokenizer,
+            ChatCodec(self.tokenizer, cfg.chat_format),
             self.schedule.cases[0],
             max_turns=self.max_turns,
             sampling_max_tokens=cfg.sampling_max_tokens,
@@ -184,9 +185,11 @@ class Trainer:
         return self._tracker
 
     # -- opening ---------------------------------------------------------------------------------
-    def _pick_shard(self, position: int, epoch: int) -> tuple[list[Any], int, int]:
+    def _pick_shard(
+        self, position: int, epoch: int, count: int | None = None
+    ) -> tuple[list[Any], int, int]:
         """This process's share of the step's cases (all of them with one process)."""
-        cases, position, epoch = self.schedule.pick(position, epoch)
+        cases, position, epoch = self.schedule.pick(position, epoch, count)
         return dd.shard(self.dist, cases), position, epoch
 
     def _engine_source(self, sampler: Sampler | None) -> EngineBatchSource:
@@ -208,6 +211,9 @@ class Trainer:
             sampler=sampler,
             inference_copy=self.inference_copy,
             tool_limits=ToolLimits(cfg.tool_timeout_s, cfg.max_tool_output_chars),
+            chat_format=cfg.chat_format,
+            zero_groups=self._zero_groups if cfg.dynamic_sampling else None,
+            max_refill_rounds=cfg.max_refill_rounds,
         )
 
     # -- evaluation ------------------------------------------------------------------------------
@@ -276,13 +282,7 @@ class Trainer:
         cfg, state = self.cfg, self.state
         started = time.perf_counter()
         batch = self.source.next_batch(state.step)
-        kwargs = estimator_kwargs(
-            cfg.advantage_method,
-            scale_rewards=cfg.scale_rewards,
-            pass_k=cfg.pass_k,
-            success_threshold=cfg.success_threshold,
-        )
-        advantages = batch_advantages(batch.trajectories, cfg.advantage_method, **kwargs)
+        advantages = self._advantages(batch.trajectories)
         train_started = time.perf_counter()
         metrics = self._update(batch.trajectories, advantages.advantages)
         timing = _StepTiming(started, time.perf_counter() - train_started)
@@ -327,6 +327,20 @@ class Trainer:
                 sharded=cfg.fsdp,
             )
 
+    def _advantages(self, trajectories: Sequence[Trajectory]) -> BatchAdvantages:
+        """Group advantages by ``advantage_method``."""
+        cfg = self.cfg
+        kwargs = estimator_kwargs(
+            cfg.advantage_method,
+            scale_rewards=cfg.scale_rewards,
+            pass_k=cfg.pass_k,
+            success_threshold=cfg.success_threshold,
+        )
+        return batch_advantages(trajectories, cfg.advantage_method, **kwargs)
+
+    def _zero_groups(self, trajectories: Sequence[Trajectory]) -> set[str]:
+        return self._advantages(trajectories).zero_group_ids
+
     def _update(
         self, trajectories: Sequence[Trajectory], advantages: Sequence[torch.Tensor]
     ) -> dict[str, float]:
@@ -341,6 +355,7 @@ class Trainer:
             device=self.device,
             reference=self.reference,
             bf16=self._use_bf16(),
+            max_completion_tokens=self.max_turns * self.cfg.sampling_max_tokens,
         )
         return update_policy(ctx, self.cfg, trajectories, advantages)
 
@@ -385,6 +400,9 @@ class Trainer:
 
     def export(self) -> Path:
         """The final model as a plain HF directory (LoRA merged) in the run directory."""
+        record_chat_format(
+            self.tokenizer, ChatCodec(self.tokenizer, self.cfg.chat_format).format.name
+        )
         out = export_model(self.weights_model, self.tokenizer, self.run.final_model)
         logger.info("final model: %s", out)
         return out

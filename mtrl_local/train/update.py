@@ -36,6 +36,7 @@ from mtrl_local.train.batching import (
     TrainExample,
     build_examples,
     collate,
+    cut_by_token_budget,
     micro_batches,
     token_logprobs,
 )
@@ -61,6 +62,9 @@ class UpdateContext:
     device: torch.device
     reference: Reference | None = None
     bf16: bool = False
+    #: The most loss tokens one trajectory can hold (max_turns × sampling_max_tokens): the
+    #: constant length of the ``dr_grpo`` aggregation.
+    max_completion_tokens: int | None = None
 
 
 # -- collectives -----------------------------------------------------------------------------------
@@ -193,7 +197,7 @@ class _Totals:
             self.add(M.train_metric(name), float(value) * weight)
         if entropy is not None:
             mask = chunk["loss_mask"]
-            ent = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+            ent = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
             self.add(M.TRAIN_ENTROPY, ent * share)
 
     def metrics(self, device: torch.device) -> dict[str, float]:
@@ -209,6 +213,7 @@ class _Totals:
 class _Normalisers:
     tokens: float
     sequences: float
+    max_tokens: float | None = None
 
 
 def _chunk_loss(
@@ -227,7 +232,13 @@ def _chunk_loss(
     ids, attention, mask = chunk["input_ids"], chunk["attention_mask"], chunk["loss_mask"]
     with _autocast(ctx):
         logprobs, entropy = token_logprobs(
-            ctx.model, ids, attention, mask, with_entropy=True, prefix=prefix
+            ctx.model,
+            ids,
+            attention,
+            mask,
+            with_entropy=True,
+            prefix=prefix,
+            entropy_grad=cfg.entropy_coef > 0,
         )
         ref = None
         if ctx.reference is not None:
@@ -251,6 +262,12 @@ def _chunk_loss(
         aggregation=cfg.loss_aggregation,
         num_tokens=norm.tokens,
         num_sequences=norm.sequences,
+        max_tokens=norm.max_tokens,
+        importance_sampling_level=cfg.importance_sampling_level,
+        is_correction=cfg.is_correction,
+        kl_estimator=cfg.kl_estimator,
+        entropy=entropy,
+        entropy_coef=cfg.entropy_coef,
     )
     return loss, loss_metrics, entropy
 
@@ -307,12 +324,18 @@ def update_policy(
 ) -> dict[str, float]:
     """``num_iterations`` optimizer steps over (this process's shard of) the batch; the
     ``train/*`` metrics (averaged over the iterations)."""
-    examples = build_examples(trajectories, advantages, keep_zero_advantage=cfg.beta > 0)
+    examples = build_examples(
+        trajectories, advantages, cfg.beta > 0, mask_truncated=cfg.mask_truncated
+    )
     norm = _Normalisers(
         tokens=_all_sum(float(sum(e.n_loss_tokens for e in examples)), ctx.device),
         sequences=_all_sum(float(len(examples)), ctx.device),
+        max_tokens=ctx.max_completion_tokens,
     )
     metrics = {M.TRAIN_LR: float(ctx.scheduler.get_last_lr()[0]), M.TRAIN_SEQUENCES: norm.sequences}
+    if cfg.mask_truncated:
+        cut = sum(not t.failed and cut_by_token_budget(t) for t in trajectories)
+        metrics[M.TRAIN_MASKED_TRUNCATED] = _all_sum(float(cut), ctx.device)
     ctx.optimizer.zero_grad(set_to_none=True)
     if norm.tokens == 0:
         return {**metrics, **_empty_step(ctx, cfg)}

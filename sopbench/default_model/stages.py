@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mtrl_local.chat import encode_assistant, encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from sopbench.default_model.curriculum import (
     CopyExample,
     induction_sequences,
@@ -244,8 +244,8 @@ def train_curriculum(
     """
     seqs: list[tuple[list[int], list[int]]] = []
     for ex in examples:
-        prompt = encode_prompt(tokenizer, ex.messages()[:1])
-        reply = encode_assistant(tokenizer, ex.target)
+        prompt = ChatCodec(tokenizer).encode_prompt(ex.messages()[:1])
+        reply = ChatCodec(tokenizer).encode_assistant(ex.target)
         seqs.append((prompt + reply, [-100] * len(prompt) + reply))
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(seqs), generator=gen).tolist()
@@ -298,7 +298,7 @@ def copy_accuracy(
     if not examples:
         return 0.0
     model.eval()
-    prompts = [encode_prompt(tokenizer, ex.messages()[:1]) for ex in examples]
+    prompts = [ChatCodec(tokenizer).encode_prompt(ex.messages()[:1]) for ex in examples]
     width = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)

@@ -39,7 +39,7 @@ import pytest
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mtrl_local.chat import encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.env.actions import FINAL_OPEN, TOOL_CALL_OPEN
 from mtrl_local.plugins import load_task
 from mtrl_local.rollout import RolloutEngine, SamplingParams, TransformersSampler
@@ -135,7 +135,9 @@ def run_ceiling(
     model: PreTrainedModel, tok: PreTrainedTokenizerBase, prompt_len: int, new_tokens: int
 ) -> dict[str, float]:
     """Batched ``model.generate``: the same batch, prompt length and new tokens per row."""
-    prompt = encode_prompt(tok, TASK.make_env().reset(TASK.cases("train")[0]))[:prompt_len]
+    prompt = ChatCodec(tok).encode_prompt(TASK.make_env().reset(TASK.cases("train")[0]))[
+        :prompt_len
+    ]
     ids = torch.tensor([prompt] * N_EPISODES)
     start = time.perf_counter()
     with torch.inference_mode():
@@ -159,7 +161,9 @@ def test_bench_rollout_throughput(benchmark: Any, tok: PreTrainedTokenizerBase) 
     forced = default_shaped_model(tok)
     force_multi_turn(forced, tok)
     env = TASK.make_env()
-    prompt_len = len(encode_prompt(tok, env.reset(TASK.cases("train")[0]), env.tool_schemas()))
+    prompt_len = len(
+        ChatCodec(tok).encode_prompt(env.reset(TASK.cases("train")[0]), env.tool_schemas())
+    )
 
     engine = benchmark.pedantic(run_engine, args=(forced, tok, N_EPISODES), rounds=1, iterations=1)
     ceiling = run_ceiling(plain, tok, prompt_len, MAX_TURNS * TOKENS_PER_TURN)

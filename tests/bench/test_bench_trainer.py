@@ -83,7 +83,7 @@ import torch
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from trl_env import EpisodeLog, trl_environment_class, trl_reward
 
-from mtrl_local.chat import encode_prompt
+from mtrl_local.chat_codec import ChatCodec
 from mtrl_local.config import load_config
 from mtrl_local.plugins import load_task
 from mtrl_local.train.policy import trainable_parameters
@@ -440,8 +440,8 @@ def run_trl(model: Path, out: Path, cases: list[Any]) -> dict[str, Any]:
     trl_prompt = tok.apply_chat_template(
         rows[0]["prompt"], tools=trainer.tools, add_generation_prompt=True, tokenize=False
     )
-    assert tok.encode(trl_prompt, add_special_tokens=False) == encode_prompt(
-        tok, rows[0]["prompt"], env.tool_schemas()
+    assert tok.encode(trl_prompt, add_special_tokens=False) == ChatCodec(tok).encode_prompt(
+        rows[0]["prompt"], env.tool_schemas()
     )
     trainer.train()
     lengths = [
