@@ -87,8 +87,8 @@ real-model: $(STAMP)  ## the real-model fixture: SmolLM2-135M-Instruct imported 
 REAL_RUN ?= runs/smollm2-inventory
 REAL_TASK := inventory_reconciliation
 real-model-run: real-model  ## SmolLM2 end to end on inventory_reconciliation: base eval → mtrl sft → RL with LoRA (~1 h on 2 cores)
-	$(MTRL) eval --task $(REAL_TASK) --model $(REAL_MODEL) --split test --max-cases 20 \
-		--max-tokens 256 --out $(REAL_RUN)/base
+	$(MTRL) eval --task $(REAL_TASK) --model $(REAL_MODEL) --split test --max-cases 10 \
+		--max-tokens 512 --out $(REAL_RUN)/base
 	rm -rf $(REAL_MODEL)-sft
 	$(MTRL) sft --model $(REAL_MODEL) --task $(REAL_TASK) --max-examples 24 --noise-rate 0.1 \
 		--epochs 2 --lr 5e-5 --out $(REAL_MODEL)-sft
@@ -111,7 +111,7 @@ mlflow: $(STAMP)  ## the MLflow UI on 127.0.0.1 for a run: make mlflow RUN=runs/
 	@test -n "$(RUN)" || (echo "make mlflow RUN=runs/<name>"; exit 2)
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///$(abspath $(RUN))/mlflow.db
 
-bench: $(STAMP)  ## benchmarks (pytest-benchmark): rollout engine and trainer, ratios in one run
+bench: real-model  ## benchmarks (pytest-benchmark): rollout engine, trainer, the real model; ratios in one run
 	$(PY) -m pytest tests/bench -m slow -p no:cacheprovider --benchmark-disable-gc
 
 screenshots: $(STAMP)  ## SVG screenshots of every dashboard view: make screenshots RUN=runs/<name>

@@ -13,10 +13,12 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
+from mtrl_local.scoring import RewardResult
 from tests.real_tokenizer import smollm2_gguf, smollm2_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -34,6 +36,12 @@ def mtrl(*args: str) -> subprocess.CompletedProcess[str]:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+def length_reward(messages: Any, ground_truth: Any, **_: Any) -> RewardResult:
+    """The length of what the model wrote: two different samples get different rewards."""
+    text = "".join(m.get("content") or "" for m in messages if m.get("role") == "assistant")
+    return RewardResult(len(text) / 1000, {})
 
 
 def weights(path: Path) -> dict:
@@ -82,6 +90,8 @@ def test_smollm2_import_eval_sft_train_eval(tmp_path: Path) -> None:
         *("num_generations=2", "per_device_train_batch_size=2", "sampling_max_tokens=32"),
         *("max_turns=2", "lora_rank=4", "learning_rate=1e-3", "eval_steps=0", "save_steps=1"),
         *("test_cases=1", "val_sampling_params.sampling_max_tokens=32"),
+        # Samples that differ and a reward that tells them apart: an advantage to follow.
+        *("temperature=3.0", "reward=tests.test_real_model_e2e:length_reward"),
     )
     [run_dir] = [p for p in run.iterdir() if (p / "final_report.json").exists()]
     tuned = run_dir / "final_model"
