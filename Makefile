@@ -86,7 +86,7 @@ real-model: $(STAMP)  ## the real-model fixture: SmolLM2-135M-Instruct imported 
 
 REAL_RUN ?= runs/smollm2-inventory
 REAL_TASK := inventory_reconciliation
-real-model-run: real-model  ## SmolLM2 end to end on inventory_reconciliation: base eval → mtrl sft → RL with LoRA (~1 h on 2 cores)
+real-model-run: real-model  ## SmolLM2 end to end on inventory_reconciliation: base eval → mtrl sft → RL with LoRA (SFT alone: 26 min on 2 shared cores)
 	$(MTRL) eval --task $(REAL_TASK) --model $(REAL_MODEL) --split test --max-cases 10 \
 		--max-tokens 512 --out $(REAL_RUN)/base
 	rm -rf $(REAL_MODEL)-sft
