@@ -36,11 +36,11 @@ from typing import Any
 from mtrl_local.env.actions import (
     TOOL_CALL_CLOSE,
     TOOL_CALL_OPEN,
-    TOOL_CALL_RE,
     ParsedCall,
     UnreadableJSON,
     call_from_json,
     load_json,
+    parse_tool_call_blocks,
     parse_tool_calls,
 )
 
@@ -93,15 +93,7 @@ def _calls_from_json_text(raw: str, argument_keys: Sequence[str]) -> list[Parsed
 
 def parse_tool_call_list(text: str) -> list[ParsedCall]:
     """``<tool_call>`` blocks each holding a JSON list of calls (or one call object)."""
-    calls: list[ParsedCall] = []
-    end = 0
-    for m in TOOL_CALL_RE.finditer(text):
-        if m.group(1) is None:
-            calls.append(ParsedCall(None, None, "unterminated tool_call block", text[end:]))
-            break
-        end = m.end()
-        calls.extend(_calls_from_json_text(m.group(1).strip(), ("arguments",)))
-    return calls
+    return parse_tool_call_blocks(text, lambda body: _calls_from_json_text(body, ("arguments",)))
 
 
 #: Characters that change the JSON scanner's state.

@@ -18,7 +18,7 @@ import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,14 @@ class ParsedCall:
 
 def parse_tool_calls(text: str) -> list[ParsedCall]:
     """Every ``<tool_call>`` block in ``text``, in order; malformed ones carry ``error``."""
+    return parse_tool_call_blocks(text, lambda body: [_parse_call(body)])
+
+
+def parse_tool_call_blocks(
+    text: str, read_block: Callable[[str], list[ParsedCall]]
+) -> list[ParsedCall]:
+    """The calls ``read_block`` finds in each ``<tool_call>`` block's stripped body, in order; an
+    unclosed block ends the scan with an ``unterminated`` call."""
     calls: list[ParsedCall] = []
     end = 0
     for m in TOOL_CALL_RE.finditer(text):
@@ -75,7 +83,7 @@ def parse_tool_calls(text: str) -> list[ParsedCall]:
             calls.append(ParsedCall(None, None, "unterminated tool_call block", text[end:]))
             break
         end = m.end()
-        calls.append(_parse_call(m.group(1).strip()))
+        calls.extend(read_block(m.group(1).strip()))
     return calls
 
 
